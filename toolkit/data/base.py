@@ -1,0 +1,164 @@
+"""`ClassificationDataModule`: the shared behaviour of every toolkit DataModule.
+
+Subclasses implement `load()` returning the full train pool and the test split; this base class
+holds out a validation split, takes a training subset, validates labels, and builds the loaders
+(training order from `IndexSampler`, so it depends only on seed and epoch). Every item carries
+its index in the train pool (`Batch.index`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from toolkit.data.samplers import IndexSampler
+from toolkit.types import check_targets
+
+
+@dataclass
+class Splits:
+    """What `load()` returns: the train pool and test split, and how to build datasets on them.
+
+    `make(indices, train)` builds a dataset over the pool (or, with `test=True`, the test split)
+    restricted to `indices`, with augmentation when `train` is true.
+    """
+
+    pool_targets: Tensor
+    test_targets: Tensor
+    make: Any  # Callable[[Tensor | None, bool, bool], Dataset]  (indices, train, test)
+
+
+def _split_sizes(n: int, subset: int | float | None, what: str) -> int | None:
+    if subset is None:
+        return None
+    if isinstance(subset, float) and not isinstance(subset, bool):
+        if not 0 < subset <= 1:
+            raise ValueError(f"{what} as a fraction must be in (0, 1], got {subset}")
+        return max(1, int(round(subset * n)))
+    if int(subset) < 1:
+        raise ValueError(f"{what} must be >= 1 sample, got {subset}")
+    return min(int(subset), n)
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base DataModule for classification.
+
+    Args:
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test batch size (default: 2 × batch_size).
+        train_subset: keep only this many (int) or this fraction (float) of training samples
+            (drawn once with `seed`, after the validation split is held out).
+        val_split: samples (int) or fraction (float) of the train pool held out for validation;
+            0 validates on the test split.
+        test_subset: evaluate on only this many test samples (quick runs).
+        augment: random training augmentation (data-set specific; see subclass).
+        num_workers: DataLoader workers.
+        seed: seeds the split, the subset and the shuffling order.
+    """
+
+    name = "classification"
+    num_classes: int = 0
+    in_chans: int = 3
+    image_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        train_subset: int | float | None = None,
+        val_split: int | float = 0.1,
+        test_subset: int | None = None,
+        augment: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.train_subset = train_subset
+        self.val_split = val_split
+        self.test_subset = test_subset
+        self.augment = augment
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.train_indices: Tensor | None = None
+
+    # -- to implement ---------------------------------------------------------------------
+    def load(self) -> Splits:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self.load()
+        check_targets(splits.pool_targets, self.num_classes, f"{self.name} training data")
+        check_targets(splits.test_targets, self.num_classes, f"{self.name} test data")
+        n = len(splits.pool_targets)
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(n, generator=g)
+        n_val = _split_sizes(n, self.val_split, "val_split") if self.val_split else 0
+        if n_val >= n:
+            raise ValueError(f"val_split={self.val_split} leaves no training data out of {n} samples")
+        val_idx, train_pool = perm[:n_val], perm[n_val:]
+        n_train = _split_sizes(len(train_pool), self.train_subset, "train_subset")
+        train_idx = train_pool if n_train is None else train_pool[:n_train]
+        self.train_indices = train_idx.sort().values
+        self.train_set = splits.make(self.train_indices, True, False)
+        test_idx = None
+        if self.test_subset is not None:
+            test_idx = torch.randperm(len(splits.test_targets), generator=g)[: self.test_subset].sort().values
+        self.test_set = splits.make(test_idx, False, True)
+        self.val_set = splits.make(val_idx.sort().values, False, False) if n_val else self.test_set
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        if train:
+            return DataLoader(
+                ds,
+                batch_size=self.batch_size,
+                sampler=IndexSampler(ds, shuffle=True, seed=self.seed),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup("test")
+        return self._loader(self.test_set, False)
+
+    def example_input(self, n: int = 2) -> Any:
+        """A few training inputs, for dry runs that size projectors and check class counts."""
+        self.setup("fit")
+        items = [self.train_set[i] for i in range(min(n, len(self.train_set)))]
+        return torch.utils.data.default_collate(items).input
+
+    def describe(self) -> dict[str, Any]:
+        """What the data is, for results files."""
+        self.setup("fit")
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "train": len(self.train_set),
+            "val": len(self.val_set),
+            "test": len(self.test_set),
+        }
