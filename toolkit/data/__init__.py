@@ -10,6 +10,12 @@ from toolkit.data.images import (
     ImageFolderDataModule,
 )
 from toolkit.data.samplers import IndexSampler
+from toolkit.data.text import (
+    FortunesDataModule,
+    HFDiskDataModule,
+    TextClassificationDataModule,
+    TextFileDataModule,
+)
 
 __all__ = [
     "CIFAR10DataModule",
@@ -17,9 +23,13 @@ __all__ = [
     "ClassificationDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "FortunesDataModule",
+    "HFDiskDataModule",
     "ImageFolderDataModule",
     "IndexSampler",
     "IndexedDataset",
     "Splits",
     "TensorImageDataset",
+    "TextClassificationDataModule",
+    "TextFileDataModule",
 ]

@@ -135,12 +135,15 @@ class WideResNet(_TimmLikeHead, nn.Module):
 
 
 class ConvNet(_TimmLikeHead, nn.Module):
-    """A small plain CNN: `depth` 3×3 conv + BN + ReLU + 2×2 max-pool blocks, doubling width.
+    """A small plain CNN: `depth` blocks of 3×3 conv + BN + ReLU + 2×2 max-pool (width doubling per
+    block), then the feature map average-pooled to `head_pool`×`head_pool`, flattened, and a
+    linear classifier (the classic small MNIST-style net; keeping spatial layout in the head
+    matters at these widths).
 
     The deliberately small student of the default demonstration (much smaller than the teacher,
     which is where KD pays off)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, depth: int = 2) -> None:
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, depth: int = 2, head_pool: int = 4):
         super().__init__()
         layers, c = [], in_chans
         for i in range(depth):
@@ -148,12 +151,17 @@ class ConvNet(_TimmLikeHead, nn.Module):
             layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*layers)
+        self.head_pool = head_pool
         self.num_classes = num_classes
-        self.num_features = c
-        self.fc = nn.Linear(c, num_classes)
+        self.num_features = c * head_pool * head_pool
+        self.fc = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, self.head_pool), 1)
+        return x if pre_logits else self.fc(x)
 
 
 def _resnet(depth: int, widths=(16, 16, 32, 64)):

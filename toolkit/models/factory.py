@@ -76,7 +76,7 @@ def _create_hf(path: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
     if num_classes is not None:
         kw["num_labels"] = num_classes
     local = Path(path)
-    has_weights = local.is_dir() and any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
+    has_weights = local.is_dir() and (any(local.glob("*.safetensors")) or any(local.glob("*.bin")))
     if local.is_dir() and not has_weights:
         config = AutoConfig.from_pretrained(path, **kw)
         return AutoModelForSequenceClassification.from_config(config)

@@ -1,0 +1,1 @@
+"""Runnable recipes: `python -m recipes.distill`, `python -m recipes.train`."""

@@ -1,0 +1,228 @@
+"""What every recipe shares: flags, config merging, trainers, seeds, results files.
+
+Config precedence (later wins): the recipe's defaults, the method's YAML under
+`recipes/configs/<recipe>/<method>.yaml`, `--config FILE.yaml`, then command-line flags. Dotted
+flags set nested options: `--data.train_subset 1000`, `--trainer.devices 2`,
+`--trainer.strategy ddp`, `--method.temperature 2`, `--student.width 8`. Values are parsed as
+YAML (`true`, `3`, `0.5`, `[1, 2]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# dotted flag prefix -> config key holding that mapping
+NESTED = {
+    "data": "data_args",
+    "student": "student_args",
+    "teacher": "teacher_args",
+    "method": "method_args",
+    "loss": "method_args",
+    "trainer": "trainer",
+    "teacher_train": "teacher_train",
+    "optimizer": "optimizer",
+    "scheduler": "scheduler",
+}
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(dict(out[k]), v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def common_parser(prog: str, description: str, method_flag: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    p.add_argument("--list", action="store_true", help="print the registered names, one per line, and exit")
+    p.add_argument(f"--{method_flag}", dest="method", help=f"{method_flag} name (see --list)")
+    p.add_argument("--data", help="data set name: digits, fashion_mnist, cifar10, cifar100, image_folder, fortunes, ...")
+    p.add_argument("--student", help="student model: a toolkit name, timm:NAME, hf:PATH")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--seed", type=int, help="one seed")
+    p.add_argument("--seeds", help="comma-separated seeds: reports mean ± std")
+    p.add_argument("--out", help="output directory (results.json, TensorBoard logs, checkpoints)")
+    p.add_argument("--config", help="YAML file of options (overrides the method's config)")
+    p.add_argument("--fast", action="store_true", help="tiny subset, one epoch: the smoke test")
+    return p
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Known flags plus `--prefix.key value` overrides as a nested dict."""
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or "." not in tok:
+            parser.error(f"unrecognised argument {tok!r}; dotted options look like --trainer.devices 2")
+        key, _, inline = tok[2:].partition("=")
+        if inline:
+            value, i = inline, i + 1
+        else:
+            if i + 1 >= len(rest):
+                parser.error(f"{tok} needs a value")
+            value, i = rest[i + 1], i + 2
+        prefix, _, sub = key.partition(".")
+        prefix = prefix.replace("-", "_")
+        if prefix not in NESTED:
+            parser.error(f"unknown option group {prefix!r} in {tok}; groups: {', '.join(sorted(NESTED))}")
+        target = overrides.setdefault(NESTED[prefix], {})
+        parts = sub.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(value)
+    return args, overrides
+
+
+def resolve_config(
+    defaults: dict[str, Any], recipe: str, args: argparse.Namespace, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    cfg = copy.deepcopy(defaults)
+    method = args.method or cfg.get("method")
+    method_cfg = CONFIG_DIR / recipe / f"{method}.yaml"
+    if method and method_cfg.exists():
+        cfg = deep_merge(cfg, load_yaml(method_cfg))
+    if args.config:
+        cfg = deep_merge(cfg, load_yaml(args.config))
+    flags = {
+        "method": args.method,
+        "data": args.data,
+        "student": args.student,
+        "epochs": args.epochs,
+        "out": args.out,
+    }
+    cfg = deep_merge(cfg, {k: v for k, v in flags.items() if v is not None})
+    if args.seeds:
+        cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+    elif args.seed is not None:
+        cfg["seeds"] = [args.seed]
+    cfg = deep_merge(cfg, overrides)
+    if args.fast:
+        cfg = deep_merge(cfg, cfg.get("fast", {}))
+    cfg.pop("fast", None)
+    return cfg
+
+
+def make_trainer(cfg: dict[str, Any], out: Path, name: str, epochs: int, checkpoints: bool = True, **extra: Any):
+    """A Trainer with TensorBoard logs under OUT/tb/NAME and checkpoints under OUT/checkpoints/NAME."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    kw: dict[str, Any] = {
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": TensorBoardLogger(str(out / "tb"), name=name, version=""),
+        "enable_model_summary": False,
+        "log_every_n_steps": 10,
+        "num_sanity_val_steps": 0,
+        "callbacks": [],
+    }
+    if checkpoints:
+        kw["callbacks"].append(ModelCheckpoint(dirpath=str(out / "checkpoints" / name), save_last=True, save_top_k=0))
+    else:
+        kw["enable_checkpointing"] = False
+    kw.update(extra)
+    kw.update(cfg.get("trainer", {}))
+    return L.Trainer(**kw)
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit"))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{100 * m:.2f} ± {100 * s:.2f}" if len(values) > 1 else f"{100 * m:.2f}"
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def write_results(out: Path, results: dict[str, Any], table_rows: list[tuple[str, str, str]]) -> None:
+    """results.json + results.md, and the table on stdout (rank 0 only)."""
+    if not is_global_zero():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    header = ("run", "test accuracy (%)", "wall (s)")
+    widths = [max(len(r[i]) for r in (header, *table_rows)) for i in range(3)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table_rows]
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nresults written to {out / 'results.json'}", flush=True)
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def list_names(kind: str) -> None:
+    import toolkit  # noqa: F401 - fills the registry
+    from toolkit import registry
+
+    print("\n".join(registry.names(kind)))
+    sys.stdout.flush()
+
+
+def build_data(name: str, args: Mapping[str, Any], seed: int):
+    """A registered DataModule; data sets that can download do so when absent (unless told not to)."""
+    import inspect
+
+    from toolkit import registry
+
+    cls = registry.get("data", name)
+    kw = dict(args)
+    if "download" in inspect.signature(cls.__init__).parameters:
+        kw.setdefault("download", True)
+    return cls(seed=seed, **kw)
+
+
+def test_accuracy(trainer, module, datamodule) -> float:
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    return float(metrics["test/acc"])

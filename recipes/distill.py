@@ -1,0 +1,207 @@
+"""Distil a student from a teacher and compare it with the student trained alone.
+
+    python -m recipes.distill                      # the demonstration (Fashion-MNIST, kd)
+    python -m recipes.distill --method kd --data digits --fast --out runs/smoke
+    python -m recipes.distill --list               # registered distillers
+    python -m recipes.distill --teacher runs/teacher.ckpt --student resnet8x4 --data cifar100 \
+        --config recipes/configs/distill/kd_cifar100.yaml --trainer.devices 8 --trainer.strategy ddp
+
+Without `--teacher`, a teacher is trained on a larger subset (options under `teacher_train`) and
+cached under $TOOLKIT_CACHE/teachers (default ~/.cache/toolkit), keyed by its configuration, so a
+second run reuses it. For every seed the student is trained alone and with the method, from the
+same initialisation and data order; the table reports test accuracy, and OUT/results.json holds
+the numbers (method, data, seeds, teacher_acc, student_acc, baseline_acc, wall_seconds, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from recipes.common import (
+    Timer,
+    build_data,
+    cache_dir,
+    common_parser,
+    fingerprint,
+    fmt,
+    list_names,
+    make_trainer,
+    mean_std,
+    parse,
+    resolve_config,
+    test_accuracy,
+    write_results,
+)
+
+DEFAULTS: dict[str, Any] = {
+    "method": "kd",
+    "data": "fashion_mnist",
+    "data_args": {"batch_size": 128, "train_subset": 5000, "val_split": 2000},
+    "teacher": None,
+    "teacher_args": {},
+    "teacher_train": {
+        "model": "convnet",
+        "model_args": {"width": 32, "depth": 3},
+        "epochs": 4,
+        "train_subset": 20000,
+        "optimizer": {"name": "adam", "lr": 0.002},
+        "scheduler": {"name": "cosine"},
+    },
+    "student": "convnet",
+    "student_args": {"width": 8},
+    "epochs": 30,
+    "optimizer": {"name": "adam", "lr": 0.002},
+    "scheduler": {"name": "cosine"},
+    "terms": None,
+    "method_args": {},
+    "seeds": [0],
+    "out": "runs/distill",
+    "trainer": {"check_val_every_n_epoch": 5},
+    "fast": {
+        "epochs": 1,
+        "data_args": {"train_subset": 256, "val_split": 128, "test_subset": 256},
+        "teacher_train": {"epochs": 1, "train_subset": 512, "model_args": {"width": 8, "depth": 2}},
+        "trainer": {"check_val_every_n_epoch": 1},
+    },
+}
+
+
+def method_terms(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The terms spec: the config's `terms`, or 0.5·CE + 0.5·METHOD; `method_args` go to the
+    method's own term."""
+    method = cfg["method"]
+    terms = cfg.get("terms") or {
+        "ce": {"loss": "cross_entropy", "weight": 0.5},
+        method: {"distiller": method, "weight": 0.5},
+    }
+    terms = {k: dict(v) if isinstance(v, dict) else v for k, v in terms.items()}
+    if cfg.get("method_args"):
+        owner = next((k for k, v in terms.items() if isinstance(v, dict) and v.get("distiller") == method), None)
+        if owner is None:
+            raise ValueError(f"--method.* options given but no term uses distiller {method!r}")
+        terms[owner].update(cfg["method_args"])
+    return terms
+
+
+def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
+    """(Teacher, its test accuracy): loaded from --teacher, from the cache, or trained now."""
+    import lightning as L
+
+    from toolkit.distill import Teacher
+    from toolkit.modules import ClassificationModule
+
+    num_classes, in_chans = dm.num_classes, dm.in_chans
+    if cfg.get("teacher"):
+        spec = cfg["teacher"]
+        extra = {} if spec.endswith((".ckpt", ".pt", ".pth")) else {"in_chans": in_chans, **cfg.get("teacher_args", {})}
+        teacher = Teacher.from_name(spec, num_classes=num_classes, **extra)
+        module = ClassificationModule(teacher.nets[0], num_classes=num_classes)
+    else:
+        tt = cfg["teacher_train"]
+        data_args = {k: v for k, v in cfg["data_args"].items() if k not in ("train_subset", "batch_size")}
+        key = fingerprint({"data": cfg["data"], "data_args": data_args, "teacher_train": tt})
+        path = cache_dir() / "teachers" / f"{cfg['data']}-{tt['model'].replace(':', '_')}-{key}.ckpt"
+        if path.exists():
+            print(f"reusing the teacher trained before: {path}", flush=True)
+            teacher = Teacher.from_checkpoint(path)
+            module = ClassificationModule(teacher.nets[0], num_classes=num_classes)
+        else:
+            print(f"training a teacher ({tt['model']}, {tt['epochs']} epochs); it will be cached at {path}", flush=True)
+            L.seed_everything(0, workers=True, verbose=False)
+            tdm = build_data(cfg["data"], {**cfg["data_args"], "train_subset": tt["train_subset"]}, seed=0)
+            module = ClassificationModule(
+                tt["model"], num_classes=num_classes, in_chans=in_chans, model_kwargs=tt.get("model_args"),
+                optimizer=tt.get("optimizer"), scheduler=tt.get("scheduler"),
+            )
+            trainer = make_trainer(cfg, out, "teacher", tt["epochs"], checkpoints=False)
+            trainer.fit(module, datamodule=tdm)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(str(path))
+            teacher = Teacher(module.model)
+    trainer = make_trainer(cfg, out, "teacher_eval", 1, checkpoints=False, logger=False)
+    return teacher, test_accuracy(trainer, module, dm)
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    import lightning as L
+
+    import toolkit  # noqa: F401 - fills the registry
+    from toolkit import registry
+    from toolkit.modules import ClassificationModule, DistillationModule
+
+    registry.get("distiller", cfg["method"])  # unknown names fail before any training
+    out = Path(cfg["out"])
+    started = time.perf_counter()
+    terms = method_terms(cfg)
+    seeds = cfg["seeds"]
+    dm0 = build_data(cfg["data"], cfg["data_args"], seed=seeds[0])
+    dm0.setup("fit")
+    teacher, teacher_acc = get_teacher(cfg, dm0, out)
+    common = {
+        "num_classes": dm0.num_classes,
+        "in_chans": dm0.in_chans,
+        "model_kwargs": cfg.get("student_args"),
+        "optimizer": cfg.get("optimizer"),
+        "scheduler": cfg.get("scheduler"),
+    }
+    baseline, distilled, seconds = [], [], {"alone": [], "method": []}
+    for seed in seeds:
+        for role in ("alone", "method"):
+            L.seed_everything(seed, workers=True, verbose=False)
+            dm = build_data(cfg["data"], cfg["data_args"], seed=seed)
+            if role == "alone":
+                module = ClassificationModule(cfg["student"], loss="cross_entropy", **common)
+            else:
+                module = DistillationModule(cfg["student"], teacher, terms=terms, **common)
+            name = f"{'student' if role == 'alone' else cfg['method']}_seed{seed}"
+            trainer = make_trainer(cfg, out, name, cfg["epochs"])
+            with Timer() as t:
+                trainer.fit(module, datamodule=dm)
+            seconds[role].append(t.seconds)
+            (baseline if role == "alone" else distilled).append(test_accuracy(trainer, module, dm))
+    results = {
+        "method": cfg["method"],
+        "data": cfg["data"],
+        "seeds": seeds,
+        "teacher": cfg.get("teacher") or cfg["teacher_train"]["model"],
+        "student": cfg["student"],
+        "teacher_acc": teacher_acc,
+        "student_acc": mean_std(distilled)[0],
+        "student_acc_std": mean_std(distilled)[1],
+        "baseline_acc": mean_std(baseline)[0],
+        "baseline_acc_std": mean_std(baseline)[1],
+        "student_acc_per_seed": distilled,
+        "baseline_acc_per_seed": baseline,
+        "train_seconds": seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "terms": terms,
+        "command": " ".join(["python -m recipes.distill", *sys.argv[1:]]),
+        "config": cfg,
+    }
+    rows = [
+        ("teacher", f"{100 * teacher_acc:.2f}", "-"),
+        ("student alone", fmt(baseline), f"{sum(seconds['alone']) / len(seeds):.1f}"),
+        (f"student + {cfg['method']}", fmt(distilled), f"{sum(seconds['method']) / len(seeds):.1f}"),
+    ]
+    write_results(out, results, rows)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = common_parser("python -m recipes.distill", __doc__.splitlines()[0], "method")
+    parser.add_argument("--teacher", help="teacher: checkpoint path, toolkit name, timm:NAME or hf:PATH (default: train one)")
+    args, overrides = parse(parser, argv)
+    if args.list:
+        list_names("distiller")
+        return None
+    cfg = resolve_config(DEFAULTS, "distill", args, overrides)
+    if args.teacher:
+        cfg["teacher"] = args.teacher
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
