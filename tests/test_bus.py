@@ -31,9 +31,9 @@ class BatchLevel(LossTerm):
         return step.student.logits.pow(2).mean()
 
 
-def make_step(rng, progress=Progress()):
+def make_step(rng, progress=None):
     logits = torch.randn(4, 3, generator=rng)
-    return Step(Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 0]), torch.arange(4)), ModelOutput(logits), None, progress)
+    return Step(Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 0]), torch.arange(4)), ModelOutput(logits), None, progress or Progress())
 
 
 def test_weighted_total_and_per_sample(rng):

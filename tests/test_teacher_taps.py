@@ -50,7 +50,7 @@ def test_ensemble_combines_members():
     probs = Teacher([a, b], combine="probs")(x).logits
     assert torch.allclose(probs.exp(), (la.softmax(-1) + lb.softmax(-1)) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="different class counts"):
-        Teacher([small(10), small(7)]).num_classes
+        _ = Teacher([small(10), small(7)]).num_classes
 
 
 def test_teacher_input_transform_and_precision():

@@ -123,16 +123,21 @@ class ClassificationDataModule(L.LightningDataModule):
         self.test_set = splits.make(test_idx, False, True)
         self.val_set = splits.make(val_idx.sort().values, False, False) if n_val else self.test_set
 
+    collate_fn: Any = None
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        # Loaders draw their worker base seeds from a generator of their own, never from the
+        # global RNG, and augmentation is seeded per (seed, epoch, index) through the sampler's
+        # keys: a resumed run (or another process) sees exactly the same data.
+        common = {
+            "num_workers": self.num_workers,
+            "collate_fn": self.collate_fn,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
         if train:
-            return DataLoader(
-                ds,
-                batch_size=self.batch_size,
-                sampler=IndexSampler(ds, shuffle=True, seed=self.seed),
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-            )
-        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            sampler = IndexSampler(ds, shuffle=True, seed=self.seed, with_epoch=True)
+            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, persistent_workers=self.num_workers > 0, **common)
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -150,7 +155,7 @@ class ClassificationDataModule(L.LightningDataModule):
         """A few training inputs, for dry runs that size projectors and check class counts."""
         self.setup("fit")
         items = [self.train_set[i] for i in range(min(n, len(self.train_set)))]
-        return torch.utils.data.default_collate(items).input
+        return (self.collate_fn or torch.utils.data.default_collate)(items).input
 
     def describe(self) -> dict[str, Any]:
         """What the data is, for results files."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,13 @@ class RandomCropFlip:
     def __init__(self, padding: int = 4, flip: bool = True) -> None:
         self.padding, self.flip = padding, flip
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         h, w = x.shape[-2:]
         if self.padding:
             x = torch.nn.functional.pad(x, [self.padding] * 4)
-            i = int(torch.randint(0, 2 * self.padding + 1, ()))
-            j = int(torch.randint(0, 2 * self.padding + 1, ()))
+            i, j = (int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=generator))
             x = x[..., i : i + h, j : j + w]
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand((), generator=generator) < 0.5:
             x = x.flip(-1)
         return x
 
@@ -54,7 +54,7 @@ class _InMemoryImages(ClassificationDataModule):
         def make(indices, train: bool, test: bool):
             x, y = (xte, yte) if test else (xtr, ytr)
             aug = self.augmentation if (train and self.augment) else None
-            return TensorImageDataset(x, y, self.mean, self.std, indices, aug)
+            return TensorImageDataset(x, y, self.mean, self.std, indices, aug, seed=self.seed)
 
         return Splits(ytr, yte, make)
 
@@ -86,8 +86,13 @@ class DigitsDataModule(_InMemoryImages):
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a .gz cut short (interrupted download) or damaged
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from e
+    if len(data) < 4 or len(data) < 4 + 4 * data[3]:
+        raise ValueError(f"{path} is truncated: incomplete idx header ({len(data)} bytes)")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -275,6 +280,6 @@ class ImageFolderDataModule(ClassificationDataModule):
 
         def make(indices, train: bool, test: bool):
             # Items report their position in the pool (or test split): per-sample memories size by it.
-            return IndexedDataset(source(test, aug if (train and self.augment) else plain), indices)
+            return IndexedDataset(source(test, aug if (train and self.augment) else plain), indices, seed=self.seed)
 
         return Splits(targets, test_targets, make)

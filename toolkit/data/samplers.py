@@ -5,6 +5,10 @@ world size and rank when the loader is built, so the same DataModule works on on
 under DDP. The order depends only on (seed, epoch): a run resumed at an epoch boundary draws the
 same order as one that never stopped. Like `DistributedSampler` it pads with the first indices
 when the length is not divisible by the world size.
+
+With `with_epoch=True` it yields `(position, epoch)` keys instead of plain positions; toolkit
+datasets accept both and seed their augmentation from (seed, epoch, sample index), so the random
+view of a sample is a pure function of those three, in any process, worker or resumed run.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ from torch.utils.data import DistributedSampler
 
 
 class IndexSampler(DistributedSampler):
-    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False, with_epoch: bool = False) -> None:
+        self.with_epoch = with_epoch
         if dist.is_available() and dist.is_initialized():
             replicas, rank = dist.get_world_size(), dist.get_rank()
         else:
             replicas, rank = 1, 0
         super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -36,4 +41,7 @@ class IndexSampler(DistributedSampler):
         else:
             pad = self.total_size - n
             order += (order * (pad // max(1, n) + 1))[:pad]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in mine])
+        return iter(mine)

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from toolkit.data.base import ClassificationDataModule, Splits
-from toolkit.data.samplers import IndexSampler
+from toolkit.data.datasets import split_key
 from toolkit.registry import register
 from toolkit.types import Batch
 
@@ -107,8 +107,8 @@ class TextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Batch:
-        idx = int(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, int]) -> Batch:
+        idx = int(self.indices[split_key(key)[0]])
         return Batch(self.texts[idx], self.targets[idx], torch.tensor(idx))
 
 
@@ -254,6 +254,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.max_length = max_length
         self.collate = TextCollator(self.tokenizer, max_length)
+        self.collate_fn = self.collate  # the base class's loaders tokenise per batch with it
         if (texts_test is None) != (labels_test is None):
             raise ValueError("pass both texts_test and labels_test, or neither (to hold out a test split)")
         texts = _check_texts(texts_train, f"{self.name} training texts")
@@ -292,25 +293,6 @@ class TextClassificationDataModule(ClassificationDataModule):
             return TextDataset(self.texts_train, self.targets_train, indices)
 
         return Splits(self.targets_train, self.targets_test, make)
-
-    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        # As the base, plus per-batch tokenisation with dynamic padding.
-        if train:
-            return DataLoader(
-                ds,
-                batch_size=self.batch_size,
-                sampler=IndexSampler(ds, shuffle=True, seed=self.seed),
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                collate_fn=self.collate,
-            )
-        return DataLoader(
-            ds,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )
 
     def example_input(self, n: int = 2) -> dict[str, Tensor]:
         """A few tokenised training inputs (the dict a batch carries), for dry runs."""

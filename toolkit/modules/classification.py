@@ -25,8 +25,26 @@ from toolkit.modules.config import build_terms
 from toolkit.optim.factory import build_optimizer, build_scheduler
 from toolkit.terms import Step
 from toolkit.types import Batch, ModelOutput, Progress, as_batch
+from toolkit.utils.rng import rng_states, set_rng_states
 
 CHECKPOINT_KEY = "toolkit"
+
+
+def _serialisable(v: Any) -> bool:
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_serialisable(x) for x in v)
+    if isinstance(v, Mapping):
+        return all(isinstance(k, str) and _serialisable(x) for k, x in v.items())
+    return False
+
+
+def record_hparams(module: L.LightningModule, **args: Any) -> None:
+    """Save the constructor arguments that can be written to YAML as hyper-parameters (replacing
+    any recorded before, so a subclass records its own signature). Objects (an nn.Module model, a
+    Teacher, LossTerm instances) are left out: pass them again to `load_from_checkpoint`."""
+    module.save_hyperparameters({k: v for k, v in args.items() if _serialisable(v)})
 
 
 class ClassificationModule(LossBus, L.LightningModule):
@@ -57,15 +75,16 @@ class ClassificationModule(LossBus, L.LightningModule):
         top_k: int = 5,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            {
-                "model": model if isinstance(model, str) else type(model).__name__,
-                "num_classes": num_classes,
-                "in_chans": in_chans,
-                "model_kwargs": dict(model_kwargs or {}),
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-            }
+        record_hparams(
+            self,
+            model=model,
+            num_classes=num_classes,
+            loss=loss,
+            in_chans=in_chans,
+            model_kwargs=model_kwargs,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            top_k=top_k,
         )
         if isinstance(model, str):
             if num_classes is None:
@@ -206,4 +225,19 @@ class ClassificationModule(LossBus, L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"model": self.model_spec}
+        # The global RNG states make a resumed run draw the same augmentations, dropout masks and
+        # worker seeds as one that never stopped (the data order itself depends only on seed+epoch).
+        checkpoint[CHECKPOINT_KEY] = {"model": self.model_spec, "rng": rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY, {})
+        trainer = getattr(self, "_trainer", None)
+        if "rng" in state and trainer is not None and trainer.state.fn == "fit":
+            # Applied in on_train_start: the sanity-check validation in between draws random numbers.
+            self._resume_rng = state["rng"]
+
+    def on_train_start(self) -> None:
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:
+            set_rng_states(rng)
+            self._resume_rng = None

@@ -19,7 +19,7 @@ from torch import nn
 
 from toolkit.distill.teacher import Teacher
 from toolkit.models.output import num_classes_of
-from toolkit.modules.classification import ClassificationModule
+from toolkit.modules.classification import ClassificationModule, record_hparams
 from toolkit.types import Batch, ModelOutput
 
 DEFAULT_TERMS = {
@@ -64,6 +64,17 @@ class DistillationModule(ClassificationModule):
             student,
             num_classes=num_classes,
             loss=DEFAULT_TERMS if terms is None else terms,
+            in_chans=in_chans,
+            model_kwargs=model_kwargs,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            top_k=top_k,
+        )
+        record_hparams(
+            self,
+            student=student,
+            num_classes=num_classes,
+            terms=terms,
             in_chans=in_chans,
             model_kwargs=model_kwargs,
             optimizer=optimizer,
