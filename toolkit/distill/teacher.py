@@ -4,7 +4,7 @@ Contract (DESIGN.md §5):
 - parameters frozen, never in the optimiser and never in a checkpoint: the networks are kept out
   of `nn.Module` registration (so `parameters()`, `state_dict()` and DDP never see them), while
   device/dtype moves (`.to()`, `.cuda()`, `.half()`) still reach them through `_apply`;
-- always in eval mode: `train()` is a no-op that keeps eval, so `module.train()` after a
+- always in eval mode: `train()` keeps the networks in eval, so `module.train()` after a
   validation loop cannot switch BatchNorm/Dropout on;
 - forward under `no_grad` (not `inference_mode`: its outputs enter the student's autograd graph);
 - its own input transform (e.g. a different normalisation) and optional autocast precision;
@@ -82,7 +82,6 @@ class Teacher(nn.Module):
         self.precision = precision
         self.combine = combine
         self._taps: list[FeatureTaps] = []
-        self.train(False)
 
     # -- nn.Module plumbing ---------------------------------------------------------------
     def _apply(self, fn, recurse=True):  # moves/casts reach the hidden networks
@@ -91,8 +90,10 @@ class Teacher(nn.Module):
                 net._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
-    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher never trains
-        super().train(False)
+    def train(self, mode: bool = True) -> Teacher:
+        # The wrapper's own flag follows (it has no parameters, and Lightning warns about modules
+        # left in eval mode); the networks it hides stay in eval whatever the mode.
+        super().train(mode)
         self.eval_nets()
         return self
 
