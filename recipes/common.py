@@ -49,6 +49,19 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def merge_layer(cfg: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """`deep_merge`, except that a layer which changes a model drops the previous layers'
+    arguments for the old model (`student_args`, `teacher_train.model_args`) unless it sets them."""
+    cfg = copy.deepcopy(cfg)
+    if "student" in layer and layer["student"] != cfg.get("student") and "student_args" not in layer:
+        cfg["student_args"] = {}
+    tt = layer.get("teacher_train")
+    if isinstance(tt, Mapping) and "model" in tt and "model_args" not in tt:
+        if tt["model"] != cfg.get("teacher_train", {}).get("model"):
+            cfg.setdefault("teacher_train", {})["model_args"] = {}
+    return deep_merge(cfg, layer)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -109,9 +122,9 @@ def resolve_config(
     method = args.method or cfg.get("method")
     method_cfg = CONFIG_DIR / recipe / f"{method}.yaml"
     if method and method_cfg.exists():
-        cfg = deep_merge(cfg, load_yaml(method_cfg))
+        cfg = merge_layer(cfg, load_yaml(method_cfg))
     if args.config:
-        cfg = deep_merge(cfg, load_yaml(args.config))
+        cfg = merge_layer(cfg, load_yaml(args.config))
     flags = {
         "method": args.method,
         "data": args.data,
@@ -119,16 +132,15 @@ def resolve_config(
         "epochs": args.epochs,
         "out": args.out,
     }
-    cfg = deep_merge(cfg, {k: v for k, v in flags.items() if v is not None})
+    if args.fast:
+        cfg = deep_merge(cfg, cfg.get("fast", {}))
+    cfg.pop("fast", None)
+    cfg = merge_layer(cfg, {k: v for k, v in flags.items() if v is not None})
     if args.seeds:
         cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
     elif args.seed is not None:
         cfg["seeds"] = [args.seed]
-    cfg = deep_merge(cfg, overrides)
-    if args.fast:
-        cfg = deep_merge(cfg, cfg.get("fast", {}))
-    cfg.pop("fast", None)
-    return cfg
+    return merge_layer(cfg, overrides)
 
 
 def make_trainer(cfg: dict[str, Any], out: Path, name: str, epochs: int, checkpoints: bool = True, **extra: Any):

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [0],
     "out": "runs/train",
     "trainer": {},
-    "fast": {"epochs": 1, "data_args": {"train_subset": 256, "val_split": 128, "test_subset": 256}},
+    "fast": {"epochs": 1, "seeds": [0], "data_args": {"train_subset": 256, "val_split": 128, "test_subset": 256}},
 }
 
 

@@ -111,3 +111,28 @@ def test_default_demonstration(tmp_path):
     assert res["data"] == "fashion_mnist" and res["method"] == "kd"
     assert res["wall_seconds"] < 300
     assert res["student_acc"] > res["baseline_acc"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_resolves_and_builds(path):
+    """Each shipped config names registered methods and builds its modules (no training)."""
+    from recipes.common import common_parser, parse, resolve_config
+    from toolkit import registry
+    from toolkit.modules import ClassificationModule, DistillationModule
+
+    recipe = path.parent.name
+    module = {"distill": distill, "train": train}[recipe]
+    args, overrides = parse(common_parser("x", "y", "method"), ["--config", str(path)])
+    cfg = resolve_config(module.DEFAULTS, recipe, args, overrides)
+    data_cls = registry.get("data", cfg["data"])
+    kw = {"num_classes": data_cls.num_classes, "in_chans": data_cls.in_chans, "model_kwargs": cfg.get("student_args"),
+          "optimizer": cfg.get("optimizer"), "scheduler": cfg.get("scheduler")}
+    if recipe == "distill":
+        tt = cfg["teacher_train"]
+        teacher = ClassificationModule(tt["model"], **{**kw, "model_kwargs": tt.get("model_args")}).model
+        built = DistillationModule(cfg["student"], teacher, terms=distill.method_terms(cfg), **kw)
+        assert cfg["method"] in registry.names("distiller")
+    else:
+        built = ClassificationModule(cfg["student"], loss=train.loss_terms(cfg), **kw)
+        assert cfg["method"] in registry.names("loss")
+    assert len(built.loss_terms) >= 1
