@@ -234,3 +234,73 @@ def test_projector_is_saved_with_student_not_teacher():
     module.prepare(torch.randn(2, 1, 8, 8))
     proj = module.loss_terms["hint"].projectors["hint"]
     assert isinstance(proj.proj[0], nn.Conv2d) and proj.proj[0].in_channels == 8 and proj.proj[0].out_channels == 32
+
+
+def test_modules_from_yaml(tmp_path, make_trainer):
+    import yaml
+
+    teacher = ClassificationModule("resnet8", num_classes=10, in_chans=1)
+    trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(teacher, datamodule=digits())
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    cfg = yaml.safe_load(f"""
+student: convnet
+teacher: {tmp_path / 'teacher.ckpt'}
+num_classes: 10
+in_chans: 1
+model_kwargs: {{width: 4}}
+terms:
+  ce: {{loss: cross_entropy, weight: 0.5}}
+  kd: {{distiller: kd, temperature: 2.0, weight: {{schedule: linear, start: 0.0, end: 0.5, end_epoch: 2}}}}
+optimizer: {{name: sgd, lr: 0.05, momentum: 0.9}}
+scheduler: {{name: multistep, milestones: [1]}}
+""")
+    module = DistillationModule(**cfg)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(module.teacher(x).logits, teacher.eval()(x))
+    assert module.term_weight("kd", module.progress()) == 0.0
+    assert module.loss_terms["kd"].temperature == 2.0
+    make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(module, datamodule=digits())
+    assert module.hparams["terms"]["kd"]["temperature"] == 2.0
+    assert module.term_weight("kd") == pytest.approx(0.5)  # end of the ramp after 2 epochs
+
+
+class InjectTerm(Callback):
+    """What a loss-changing callback does: register itself on the bus in setup()."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.add_term("hint", Hint(), 0.1)
+        pl_module.add_weighter("halve", lambda step, per: torch.full_like(per, 0.5))
+
+
+def test_callback_injects_term_and_weighter_in_setup(make_trainer):
+    module = distiller(terms={"kd": {"distiller": "kd"}})
+    seen = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs)
+
+    trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[InjectTerm(), Watch()])
+    trainer.fit(module, datamodule=digits())
+    assert "hint" in module.loss_terms and "hint" in module.loss_terms["hint"].projectors
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in module.loss_terms["hint"].parameters()} <= opt_params
+    assert {"train/loss/hint", "train/loss/kd"} <= set(trainer.callback_metrics)
+    # total = mean(0.5 * per_sample) because of the injected weighter
+    assert seen and torch.allclose(seen[-1]["loss"].detach(), 0.5 * seen[-1]["per_sample_loss"].mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_training_is_finite(precision, make_trainer):
+    module = distiller()
+    losses = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].detach())
+
+    make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, precision=precision,
+                 callbacks=[Watch()]).fit(module, datamodule=digits())
+    assert len(losses) == 3 and all(torch.isfinite(v) for v in losses)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
