@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from toolkit.schedules import Weight, as_weight, weight_value
 from toolkit.terms import LossTerm, Step
-from toolkit.types import Batch, ModelOutput, Progress, as_batch, check_targets, require_index
+from toolkit.types import ModelOutput, Progress, as_batch, check_targets, require_index
 
 
 class SampleWeighter(Protocol):
@@ -193,4 +193,4 @@ class LossBus:
             term.setup(example)
 
 
-__all__ = ["Batch", "LossBus", "SampleWeighter"]
+__all__ = ["LossBus", "SampleWeighter"]

@@ -202,7 +202,7 @@ class ClassificationModule(LossBus, L.LightningModule):
         b = as_batch(batch)
         logits = forward_output(self.model, b.input).logits
         if self._student_taps is not None:
-            self._student_taps.features = {}
+            self._student_taps.features = {}  # taps also fire in evaluation: drop those tensors now
         if b.target is None:
             raise ValueError(f"{prefix} batches need targets to compute accuracy")
         n = logits.shape[0]

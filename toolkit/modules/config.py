@@ -10,6 +10,7 @@ A single entry (not a mapping of names) is accepted too and named after the meth
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,10 +45,8 @@ def _by_name(name: str, kwargs: dict[str, Any]) -> LossTerm:
     for kind in TERM_KINDS:
         if name in registry.names(kind):
             return registry.build(kind, name, **kwargs)
-    # Neither kind has it: let the registry raise its close-match error over both kinds.
+    # Neither kind has it: suggest close matches over both kinds.
     all_names = {n: k for k in TERM_KINDS for n in registry.names(k)}
-    import difflib
-
     close = difflib.get_close_matches(name, list(all_names), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise KeyError(f"unknown loss or distiller {name!r}.{hint} Known: {', '.join(sorted(all_names))}")

@@ -89,7 +89,11 @@ class DistillationModule(ClassificationModule):
                 f"teacher and student predict different class counts (teacher {declared}, student {student_declared}): "
                 "build both for the same classes, or distil through a feature-only method"
             )
-        self._teacher_needed = any(t.needs_teacher for t in self.loss_terms.values()) or bool(self._tap_paths("teacher"))
+        self._teacher_needed = self._needs_teacher()
+
+    def _needs_teacher(self) -> bool:
+        """Run the teacher only when a term reads its outputs or features."""
+        return any(t.needs_teacher for t in self.loss_terms.values()) or bool(self._tap_paths("teacher"))
 
     @property
     def student(self) -> nn.Module:
@@ -98,7 +102,7 @@ class DistillationModule(ClassificationModule):
     def _install_taps(self) -> None:
         super()._install_taps()
         self.teacher.tap(self._tap_paths("teacher"))
-        self._teacher_needed = any(t.needs_teacher for t in self.loss_terms.values()) or bool(self._tap_paths("teacher"))
+        self._teacher_needed = self._needs_teacher()
 
     def teacher_output(self, batch: Batch) -> ModelOutput | None:
         if not self._teacher_needed:
