@@ -50,11 +50,13 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
 
 
 def merge_layer(cfg: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
-    """`deep_merge`, except that a layer which changes a model drops the previous layers'
-    arguments for the old model (`student_args`, `teacher_train.model_args`) unless it sets them."""
+    """`deep_merge`, except that a layer which changes the data set or a model drops the previous
+    layers' arguments for the old one (`data_args`, `student_args`, `teacher_train.model_args`)
+    unless it sets them."""
     cfg = copy.deepcopy(cfg)
-    if "student" in layer and layer["student"] != cfg.get("student") and "student_args" not in layer:
-        cfg["student_args"] = {}
+    for key, args_key in (("student", "student_args"), ("data", "data_args")):
+        if key in layer and layer[key] != cfg.get(key) and args_key not in layer:
+            cfg[args_key] = {}
     tt = layer.get("teacher_train")
     if isinstance(tt, Mapping) and "model" in tt and "model_args" not in tt:
         if tt["model"] != cfg.get("teacher_train", {}).get("model"):
@@ -132,14 +134,15 @@ def resolve_config(
         "epochs": args.epochs,
         "out": args.out,
     }
-    if args.fast:
-        cfg = deep_merge(cfg, cfg.get("fast", {}))
-    cfg.pop("fast", None)
-    cfg = merge_layer(cfg, {k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
     if args.seeds:
-        cfg["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        given["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
     elif args.seed is not None:
-        cfg["seeds"] = [args.seed]
+        given["seeds"] = [args.seed]
+    fast = cfg.pop("fast", {})
+    cfg = merge_layer(cfg, given)
+    if args.fast:  # shrinks the run, but never overrides what the command line set
+        cfg = deep_merge(cfg, {k: v for k, v in fast.items() if k not in given})
     return merge_layer(cfg, overrides)
 
 
@@ -238,3 +241,28 @@ def build_data(name: str, args: Mapping[str, Any], seed: int):
 def test_accuracy(trainer, module, datamodule) -> float:
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return float(metrics["test/acc"])
+
+
+def plot_comparison(path: Path, teacher_acc: float, runs: Mapping[str, Mapping[str, list[float]]], title: str) -> None:
+    """A bar chart of test accuracy (mean ± std over seeds) per run, teacher as a line (rank 0)."""
+    if not is_global_zero():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    stats = [mean_std(runs[n]["acc"]) for n in names]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.5))
+    ax.bar(names, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], capsize=4, color="#4c72b0")
+    ax.axhline(100 * teacher_acc, color="#c44e52", linestyle="--", label=f"teacher {100 * teacher_acc:.2f}")
+    lo = min(100 * (m - s) for m, s in stats)
+    ax.set_ylim(max(0.0, lo - 2.0), min(100.0, max(100 * teacher_acc, *(100 * (m + s) for m, s in stats)) + 1.0))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

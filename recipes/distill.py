@@ -3,6 +3,7 @@
     python -m recipes.distill                      # the demonstration (Fashion-MNIST, kd)
     python -m recipes.distill --method kd --data digits --fast --out runs/smoke
     python -m recipes.distill --list               # registered distillers
+    python -m recipes.distill --compare kd,dkd --seeds 0,1,2   # one table, same teacher and seeds
     python -m recipes.distill --teacher runs/teacher.ckpt --student resnet8x4 --data cifar100 \
         --config recipes/configs/distill/kd_cifar100.yaml --trainer.devices 8 --trainer.strategy ddp
 
@@ -31,6 +32,7 @@ from recipes.common import (
     make_trainer,
     mean_std,
     parse,
+    plot_comparison,
     resolve_config,
     test_accuracy,
     write_results,
@@ -128,82 +130,108 @@ def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
     return teacher, test_accuracy(trainer, module, dm)
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train the student alone and with each method (`cfg`, or every config in `compare`) on the
+    same teacher, data and seeds; print the table and write the results files."""
     import lightning as L
 
     import toolkit  # noqa: F401 - fills the registry
     from toolkit import registry
     from toolkit.modules import ClassificationModule, DistillationModule
 
-    registry.get("distiller", cfg["method"])  # unknown names fail before any training
+    cfgs = compare or [cfg]
+    for c in cfgs:  # unknown names and bad term specs fail before any training
+        registry.get("distiller", c["method"])
+        method_terms(c)
     out = Path(cfg["out"])
     started = time.perf_counter()
-    terms = method_terms(cfg)
     seeds = cfg["seeds"]
     dm0 = build_data(cfg["data"], cfg["data_args"], seed=seeds[0])
     dm0.setup("fit")
     teacher, teacher_acc = get_teacher(cfg, dm0, out)
-    common = {
-        "num_classes": dm0.num_classes,
-        "in_chans": dm0.in_chans,
-        "model_kwargs": cfg.get("student_args"),
-        "optimizer": cfg.get("optimizer"),
-        "scheduler": cfg.get("scheduler"),
-    }
-    baseline, distilled, seconds = [], [], {"alone": [], "method": []}
+    runs: dict[str, dict[str, list[float]]] = {}
+
+    def train_once(name: str, c: dict[str, Any], seed: int, make_module) -> None:
+        L.seed_everything(seed, workers=True, verbose=False)
+        dm = build_data(c["data"], c["data_args"], seed=seed)
+        module = make_module(c, dm)
+        trainer = make_trainer(c, out, f"{name}_seed{seed}", c["epochs"])
+        with Timer() as t:
+            trainer.fit(module, datamodule=dm)
+        run = runs.setdefault(name, {"acc": [], "seconds": []})
+        run["acc"].append(test_accuracy(trainer, module, dm))
+        run["seconds"].append(t.seconds)
+
+    def common(c: dict[str, Any], dm) -> dict[str, Any]:
+        return {
+            "num_classes": dm.num_classes,
+            "in_chans": dm.in_chans,
+            "model_kwargs": c.get("student_args"),
+            "optimizer": c.get("optimizer"),
+            "scheduler": c.get("scheduler"),
+        }
+
     for seed in seeds:
-        for role in ("alone", "method"):
-            L.seed_everything(seed, workers=True, verbose=False)
-            dm = build_data(cfg["data"], cfg["data_args"], seed=seed)
-            if role == "alone":
-                module = ClassificationModule(cfg["student"], loss="cross_entropy", **common)
-            else:
-                module = DistillationModule(cfg["student"], teacher, terms=terms, **common)
-            name = f"{'student' if role == 'alone' else cfg['method']}_seed{seed}"
-            trainer = make_trainer(cfg, out, name, cfg["epochs"])
-            with Timer() as t:
-                trainer.fit(module, datamodule=dm)
-            seconds[role].append(t.seconds)
-            (baseline if role == "alone" else distilled).append(test_accuracy(trainer, module, dm))
+        train_once("student", cfg, seed, lambda c, dm: ClassificationModule(c["student"], loss="cross_entropy", **common(c, dm)))
+        for c in cfgs:
+            train_once(c["method"], c, seed, lambda c, dm: DistillationModule(c["student"], teacher, terms=method_terms(c), **common(c, dm)))
+
+    baseline, first = runs["student"], runs[cfgs[0]["method"]]
     results = {
-        "method": cfg["method"],
+        "method": cfgs[0]["method"] if not compare else ",".join(c["method"] for c in cfgs),
         "data": cfg["data"],
         "seeds": seeds,
         "teacher": cfg.get("teacher") or cfg["teacher_train"]["model"],
         "student": cfg["student"],
         "teacher_acc": teacher_acc,
-        "student_acc": mean_std(distilled)[0],
-        "student_acc_std": mean_std(distilled)[1],
-        "baseline_acc": mean_std(baseline)[0],
-        "baseline_acc_std": mean_std(baseline)[1],
-        "student_acc_per_seed": distilled,
-        "baseline_acc_per_seed": baseline,
-        "train_seconds": seconds,
+        "student_acc": mean_std(first["acc"])[0],
+        "student_acc_std": mean_std(first["acc"])[1],
+        "baseline_acc": mean_std(baseline["acc"])[0],
+        "baseline_acc_std": mean_std(baseline["acc"])[1],
+        "student_acc_per_seed": first["acc"],
+        "baseline_acc_per_seed": baseline["acc"],
+        "runs": {
+            name: {"acc": mean_std(r["acc"])[0], "acc_std": mean_std(r["acc"])[1], "acc_per_seed": r["acc"], "train_seconds": r["seconds"]}
+            for name, r in runs.items()
+        },
         "wall_seconds": time.perf_counter() - started,
-        "terms": terms,
+        "terms": {c["method"]: method_terms(c) for c in cfgs} if compare else method_terms(cfg),
         "command": " ".join(["python -m recipes.distill", *sys.argv[1:]]),
         "config": cfg,
     }
-    rows = [
-        ("teacher", f"{100 * teacher_acc:.2f}", "-"),
-        ("student alone", fmt(baseline), f"{sum(seconds['alone']) / len(seeds):.1f}"),
-        (f"student + {cfg['method']}", fmt(distilled), f"{sum(seconds['method']) / len(seeds):.1f}"),
-    ]
+    rows = [("teacher", f"{100 * teacher_acc:.2f}", "-")]
+    for name, r in runs.items():
+        label = "student alone" if name == "student" else f"student + {name}"
+        rows.append((label, fmt(r["acc"]), f"{sum(r['seconds']) / len(seeds):.1f}"))
     write_results(out, results, rows)
+    if compare:
+        plot_comparison(out / "comparison.png", teacher_acc, runs, f"{cfg['data']}: {cfg['student']} ({len(seeds)} seeds)")
     return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = common_parser("python -m recipes.distill", __doc__.splitlines()[0], "method")
     parser.add_argument("--teacher", help="teacher: checkpoint path, toolkit name, timm:NAME or hf:PATH (default: train one)")
+    parser.add_argument("--compare", help="comma-separated methods to run on the same teacher and seeds (one table)")
     args, overrides = parse(parser, argv)
     if args.list:
         list_names("distiller")
         return None
-    cfg = resolve_config(DEFAULTS, "distill", args, overrides)
-    if args.teacher:
-        cfg["teacher"] = args.teacher
-    return run(cfg)
+    if args.compare and args.method:
+        parser.error("use either --method or --compare")
+    methods = [m.strip() for m in (args.compare or "").split(",") if m.strip()]
+    if args.compare and not methods:
+        parser.error("--compare needs at least one method name")
+    if len(set(methods)) != len(methods):
+        parser.error(f"--compare lists a method twice: {args.compare}")
+    cfgs = []
+    for method in methods or [None]:
+        args.method = method
+        cfg = resolve_config(DEFAULTS, "distill", args, overrides)
+        if args.teacher:
+            cfg["teacher"] = args.teacher
+        cfgs.append(cfg)
+    return run(cfgs[0], compare=cfgs if methods else None)
 
 
 if __name__ == "__main__":

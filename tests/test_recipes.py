@@ -136,3 +136,34 @@ def test_every_config_resolves_and_builds(path):
         built = ClassificationModule(cfg["student"], loss=train.loss_terms(cfg), **kw)
         assert cfg["method"] in registry.names("loss")
     assert len(built.loss_terms) >= 1
+
+
+def test_compare_runs_methods_on_one_teacher(tmp_path):
+    out = tmp_path / "cmp"
+    res = distill.main(["--compare", "kd", "--data", "digits", "--fast", "--seeds", "0,1", "--out", str(out),
+                        "--trainer.enable_progress_bar", "false"])
+    assert set(res["runs"]) == {"student", "kd"}
+    assert len(res["runs"]["kd"]["acc_per_seed"]) == 2 and res["student_acc"] == res["runs"]["kd"]["acc"]
+    assert (out / "comparison.png").stat().st_size > 1000 and "student + kd" in (out / "results.md").read_text()
+    r = run_module("recipes.distill", "--compare", "kd,kd", "--fast")
+    assert r.returncode != 0 and "lists a method twice" in r.stderr
+    r = run_module("recipes.distill", "--compare", "kd,dkdx", "--data", "digits", "--fast")
+    assert r.returncode != 0 and "unknown distiller 'dkdx'" in r.stderr
+
+
+def test_config_layering_rules():
+    from recipes.common import common_parser, parse, resolve_config
+
+    def resolve(*argv):
+        args, overrides = parse(common_parser("x", "y", "method"), list(argv))
+        return resolve_config(distill.DEFAULTS, "distill", args, overrides)
+
+    default = resolve()
+    assert default["data"] == "fashion_mnist" and default["data_args"]["train_subset"] == 2000
+    # another data set or model: the old one's arguments do not leak
+    assert resolve("--data", "digits")["data_args"] == {}
+    assert resolve("--student", "resnet8")["student_args"] == {}
+    # --fast shrinks the run but never overrides what the command line gave
+    fast = resolve("--fast", "--epochs", "3", "--seeds", "4,5", "--data", "digits", "--data.batch_size", "16")
+    assert fast["epochs"] == 3 and fast["seeds"] == [4, 5]
+    assert fast["data_args"] == {"train_subset": 256, "val_split": 128, "test_subset": 256, "batch_size": 16}
