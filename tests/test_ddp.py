@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_every_training_sample_once_per_epoch_under_ddp(tmp_path):
+def test_ddp_sampling_replicas_and_sample_memory(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "ddp_indices.py"), str(tmp_path)], capture_output=True, text=True,
                        timeout=600, cwd=HERE.parent)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -28,3 +28,8 @@ def test_every_training_sample_once_per_epoch_under_ddp(tmp_path):
     # gradients were synchronised: both replicas end with the same student
     assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], rel=1e-6)
     assert not ranks[0]["teacher_params_in_ddp"]
+    # per-sample memory (PS-KD): every rank's writes are gathered, so both replicas hold the
+    # same table, covering every training sample
+    for rk in ranks:
+        assert rk["memory_written"] == expected
+    assert ranks[0]["memory_digest"] == pytest.approx(ranks[1]["memory_digest"], rel=1e-9)
