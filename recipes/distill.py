@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if len(set(methods)) != len(methods):
         parser.error(f"--compare lists a method twice: {args.compare}")
     cfgs = []
-    for method in methods or [None]:
+    for method in methods or [args.method]:
         args.method = method
         cfg = resolve_config(DEFAULTS, "distill", args, overrides)
         if args.teacher:
