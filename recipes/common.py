@@ -78,7 +78,9 @@ def common_parser(prog: str, description: str, method_flag: str) -> argparse.Arg
     p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     p.add_argument("--list", action="store_true", help="print the registered names, one per line, and exit")
     p.add_argument(f"--{method_flag}", dest="method", help=f"{method_flag} name (see --list)")
-    p.add_argument("--data", help="data set name: digits, fashion_mnist, cifar10, cifar100, image_folder, fortunes, ...")
+    p.add_argument(
+        "--data", help="data set name: digits, fashion_mnist, cifar10, cifar100, image_folder, fortunes, ..."
+    )
     p.add_argument("--student", help="student model: a toolkit name, timm:NAME, hf:PATH")
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--seed", type=int, help="one seed")
@@ -89,7 +91,9 @@ def common_parser(prog: str, description: str, method_flag: str) -> argparse.Arg
     return p
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+def parse(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Known flags plus `--prefix.key value` overrides as a nested dict."""
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, Any] = {}
@@ -146,7 +150,9 @@ def resolve_config(
     return merge_layer(cfg, overrides)
 
 
-def make_trainer(cfg: dict[str, Any], out: Path, name: str, epochs: int, checkpoints: bool = True, **extra: Any):
+def make_trainer(
+    cfg: dict[str, Any], out: Path, name: str, epochs: int, checkpoints: bool = True, **extra: Any
+):
     """A Trainer with TensorBoard logs under OUT/tb/NAME and checkpoints under OUT/checkpoints/NAME."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -163,7 +169,9 @@ def make_trainer(cfg: dict[str, Any], out: Path, name: str, epochs: int, checkpo
         "callbacks": [],
     }
     if checkpoints:
-        kw["callbacks"].append(ModelCheckpoint(dirpath=str(out / "checkpoints" / name), save_last=True, save_top_k=0))
+        kw["callbacks"].append(
+            ModelCheckpoint(dirpath=str(out / "checkpoints" / name), save_last=True, save_top_k=0)
+        )
     else:
         kw["enable_checkpointing"] = False
     kw.update(extra)
@@ -189,7 +197,10 @@ def fmt(values: list[float]) -> str:
 
 
 def is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    return (
+        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+        and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
 
 
 def write_results(out: Path, results: dict[str, Any], table_rows: list[tuple[str, str, str]]) -> None:
@@ -243,7 +254,9 @@ def test_accuracy(trainer, module, datamodule) -> float:
     return float(metrics["test/acc"])
 
 
-def plot_comparison(path: Path, teacher_acc: float, runs: Mapping[str, Mapping[str, list[float]]], title: str) -> None:
+def plot_comparison(
+    path: Path, teacher_acc: float, runs: Mapping[str, Mapping[str, list[float]]], title: str
+) -> None:
     """A bar chart of test accuracy (mean ± std over seeds) per run, teacher as a line (rank 0)."""
     if not is_global_zero():
         return
@@ -258,7 +271,9 @@ def plot_comparison(path: Path, teacher_acc: float, runs: Mapping[str, Mapping[s
     ax.bar(names, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], capsize=4, color="#4c72b0")
     ax.axhline(100 * teacher_acc, color="#c44e52", linestyle="--", label=f"teacher {100 * teacher_acc:.2f}")
     lo = min(100 * (m - s) for m, s in stats)
-    ax.set_ylim(max(0.0, lo - 2.0), min(100.0, max(100 * teacher_acc, *(100 * (m + s) for m, s in stats)) + 1.0))
+    ax.set_ylim(
+        max(0.0, lo - 2.0), min(100.0, max(100 * teacher_acc, *(100 * (m + s) for m, s in stats)) + 1.0)
+    )
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.legend(loc="best")

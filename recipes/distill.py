@@ -84,7 +84,9 @@ def method_terms(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     terms = {k: dict(v) if isinstance(v, dict) else v for k, v in terms.items()}
     if cfg.get("method_args"):
-        owner = next((k for k, v in terms.items() if isinstance(v, dict) and v.get("distiller") == method), None)
+        owner = next(
+            (k for k, v in terms.items() if isinstance(v, dict) and v.get("distiller") == method), None
+        )
         if owner is None:
             raise ValueError(f"--method.* options given but no term uses distiller {method!r}")
         terms[owner].update(cfg["method_args"])
@@ -101,7 +103,11 @@ def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
     num_classes, in_chans = dm.num_classes, dm.in_chans
     if cfg.get("teacher"):
         spec = cfg["teacher"]
-        extra = {} if spec.endswith((".ckpt", ".pt", ".pth")) else {"in_chans": in_chans, **cfg.get("teacher_args", {})}
+        extra = (
+            {}
+            if spec.endswith((".ckpt", ".pt", ".pth"))
+            else {"in_chans": in_chans, **cfg.get("teacher_args", {})}
+        )
         teacher = Teacher.from_name(spec, num_classes=num_classes, **extra)
         module = ClassificationModule(teacher.nets[0], num_classes=num_classes)
     else:
@@ -114,12 +120,19 @@ def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
             teacher = Teacher.from_checkpoint(path)
             module = ClassificationModule(teacher.nets[0], num_classes=num_classes)
         else:
-            print(f"training a teacher ({tt['model']}, {tt['epochs']} epochs); it will be cached at {path}", flush=True)
+            print(
+                f"training a teacher ({tt['model']}, {tt['epochs']} epochs); it will be cached at {path}",
+                flush=True,
+            )
             L.seed_everything(0, workers=True, verbose=False)
             tdm = build_data(cfg["data"], {**cfg["data_args"], "train_subset": tt["train_subset"]}, seed=0)
             module = ClassificationModule(
-                tt["model"], num_classes=num_classes, in_chans=in_chans, model_kwargs=tt.get("model_args"),
-                optimizer=tt.get("optimizer"), scheduler=tt.get("scheduler"),
+                tt["model"],
+                num_classes=num_classes,
+                in_chans=in_chans,
+                model_kwargs=tt.get("model_args"),
+                optimizer=tt.get("optimizer"),
+                scheduler=tt.get("scheduler"),
             )
             trainer = make_trainer(cfg, out, "teacher", tt["epochs"], checkpoints=False)
             trainer.fit(module, datamodule=tdm)
@@ -172,9 +185,21 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         }
 
     for seed in seeds:
-        train_once("student", cfg, seed, lambda c, dm: ClassificationModule(c["student"], loss="cross_entropy", **common(c, dm)))
+        train_once(
+            "student",
+            cfg,
+            seed,
+            lambda c, dm: ClassificationModule(c["student"], loss="cross_entropy", **common(c, dm)),
+        )
         for c in cfgs:
-            train_once(c["method"], c, seed, lambda c, dm: DistillationModule(c["student"], teacher, terms=method_terms(c), **common(c, dm)))
+            train_once(
+                c["method"],
+                c,
+                seed,
+                lambda c, dm: DistillationModule(
+                    c["student"], teacher, terms=method_terms(c), **common(c, dm)
+                ),
+            )
 
     baseline, first = runs["student"], runs[cfgs[0]["method"]]
     results = {
@@ -191,7 +216,12 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         "student_acc_per_seed": first["acc"],
         "baseline_acc_per_seed": baseline["acc"],
         "runs": {
-            name: {"acc": mean_std(r["acc"])[0], "acc_std": mean_std(r["acc"])[1], "acc_per_seed": r["acc"], "train_seconds": r["seconds"]}
+            name: {
+                "acc": mean_std(r["acc"])[0],
+                "acc_std": mean_std(r["acc"])[1],
+                "acc_per_seed": r["acc"],
+                "train_seconds": r["seconds"],
+            }
             for name, r in runs.items()
         },
         "wall_seconds": time.perf_counter() - started,
@@ -205,14 +235,20 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         rows.append((label, fmt(r["acc"]), f"{sum(r['seconds']) / len(seeds):.1f}"))
     write_results(out, results, rows)
     if compare:
-        plot_comparison(out / "comparison.png", teacher_acc, runs, f"{cfg['data']}: {cfg['student']} ({len(seeds)} seeds)")
+        plot_comparison(
+            out / "comparison.png", teacher_acc, runs, f"{cfg['data']}: {cfg['student']} ({len(seeds)} seeds)"
+        )
     return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = common_parser("python -m recipes.distill", __doc__.splitlines()[0], "method")
-    parser.add_argument("--teacher", help="teacher: checkpoint path, toolkit name, timm:NAME or hf:PATH (default: train one)")
-    parser.add_argument("--compare", help="comma-separated methods to run on the same teacher and seeds (one table)")
+    parser.add_argument(
+        "--teacher", help="teacher: checkpoint path, toolkit name, timm:NAME or hf:PATH (default: train one)"
+    )
+    parser.add_argument(
+        "--compare", help="comma-separated methods to run on the same teacher and seeds (one table)"
+    )
     args, overrides = parse(parser, argv)
     if args.list:
         list_names("distiller")

@@ -42,7 +42,11 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [0],
     "out": "runs/train",
     "trainer": {},
-    "fast": {"epochs": 1, "seeds": [0], "data_args": {"train_subset": 256, "val_split": 128, "test_subset": 256}},
+    "fast": {
+        "epochs": 1,
+        "seeds": [0],
+        "data_args": {"train_subset": 256, "val_split": 128, "test_subset": 256},
+    },
 }
 
 
@@ -50,7 +54,9 @@ def loss_terms(cfg: dict[str, Any]) -> dict[str, Any]:
     terms = cfg.get("terms") or {cfg["method"]: {"loss": cfg["method"]}}
     terms = {k: dict(v) if isinstance(v, dict) else v for k, v in terms.items()}
     if cfg.get("method_args"):
-        owner = next((k for k, v in terms.items() if isinstance(v, dict) and v.get("loss") == cfg["method"]), None)
+        owner = next(
+            (k for k, v in terms.items() if isinstance(v, dict) and v.get("loss") == cfg["method"]), None
+        )
         if owner is None:
             raise ValueError(f"--loss.* options given but no term uses loss {cfg['method']!r}")
         terms[owner].update(cfg["method_args"])
@@ -74,8 +80,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         dm = build_data(cfg["data"], cfg["data_args"], seed=seed)
         dm.setup("fit")
         module = ClassificationModule(
-            cfg["student"], num_classes=dm.num_classes, in_chans=dm.in_chans, loss=terms,
-            model_kwargs=cfg.get("student_args"), optimizer=cfg.get("optimizer"), scheduler=cfg.get("scheduler"),
+            cfg["student"],
+            num_classes=dm.num_classes,
+            in_chans=dm.in_chans,
+            loss=terms,
+            model_kwargs=cfg.get("student_args"),
+            optimizer=cfg.get("optimizer"),
+            scheduler=cfg.get("scheduler"),
         )
         trainer = make_trainer(cfg, out, f"{cfg['method']}_seed{seed}", cfg["epochs"])
         with Timer() as t:
@@ -96,7 +107,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "command": " ".join(["python -m recipes.train", *sys.argv[1:]]),
         "config": cfg,
     }
-    write_results(out, results, [(f"{cfg['student']} + {cfg['method']}", fmt(accs), f"{sum(seconds) / len(seconds):.1f}")])
+    write_results(
+        out,
+        results,
+        [(f"{cfg['student']} + {cfg['method']}", fmt(accs), f"{sum(seconds) / len(seconds):.1f}")],
+    )
     return results
 
 

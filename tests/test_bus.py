@@ -33,7 +33,12 @@ class BatchLevel(LossTerm):
 
 def make_step(rng, progress=None):
     logits = torch.randn(4, 3, generator=rng)
-    return Step(Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 0]), torch.arange(4)), ModelOutput(logits), None, progress or Progress())
+    return Step(
+        Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 0]), torch.arange(4)),
+        ModelOutput(logits),
+        None,
+        progress or Progress(),
+    )
 
 
 def test_weighted_total_and_per_sample(rng):
@@ -133,13 +138,23 @@ def test_user_module_logs_every_term_to_tensorboard(tmp_path, digits):
 
     module = UserModule()
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="tb"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=digits.train_dataloader())
     out = module.seen[0]
     assert set(out) == {"loss", "per_sample_loss", "logits", "index"}
-    assert out["per_sample_loss"].shape == (64,) and out["logits"].shape == (64, 10) and out["index"].shape == (64,)
+    assert (
+        out["per_sample_loss"].shape == (64,)
+        and out["logits"].shape == (64, 10)
+        and out["index"].shape == (64,)
+    )
     event_dir = next(tmp_path.rglob("events.out.tfevents*")).parent
     acc = EventAccumulator(str(event_dir))
     acc.Reload()

@@ -13,8 +13,13 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.slow
 @pytest.mark.ci
 def test_ddp_sampling_replicas_and_sample_memory(tmp_path):
-    r = subprocess.run([sys.executable, str(HERE / "ddp_indices.py"), str(tmp_path)], capture_output=True, text=True,
-                       timeout=600, cwd=HERE.parent)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "ddp_indices.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=HERE.parent,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     expected = sorted(ranks[0]["train_indices"])

@@ -34,7 +34,9 @@ def test_loss_matches_formula_and_limits(rng):
     assert torch.allclose(ps_kd_loss(z, y, past, a), official, atol=1e-6)
     # α_t = 0 and one-hot memory both reduce to CE
     assert torch.allclose(ps_kd_loss(z, y, past, 0.0, "none"), cross_entropy(z, y, reduction="none"))
-    assert torch.allclose(ps_kd_loss(z, y, F.one_hot(y, 4).float(), 0.7, "none"), cross_entropy(z, y, reduction="none"))
+    assert torch.allclose(
+        ps_kd_loss(z, y, F.one_hot(y, 4).float(), 0.7, "none"), cross_entropy(z, y, reduction="none")
+    )
     # gradient of the summed loss is softmax − ỹ
     s = z.clone().requires_grad_(True)
     ps_kd_loss(s, y, past, a, reduction="sum").backward()
@@ -105,12 +107,19 @@ def test_memory_survives_a_checkpoint(tmp_path, make_trainer):
     from toolkit.modules import ClassificationModule
 
     dm = DigitsDataModule(batch_size=64, train_subset=200, seed=0)
-    module = ClassificationModule("convnet", num_classes=10, in_chans=1, model_kwargs={"width": 4},
-                                  loss={"ps_kd": {"distiller": "ps_kd"}})
+    module = ClassificationModule(
+        "convnet",
+        num_classes=10,
+        in_chans=1,
+        model_kwargs={"width": 4},
+        loss={"ps_kd": {"distiller": "ps_kd"}},
+    )
     trainer = make_trainer(max_epochs=2, limit_val_batches=1)
     trainer.fit(module, datamodule=dm)
     mem = module.loss_terms["ps_kd"].memory
-    assert mem.written.sum() == 200 and set(mem.written.nonzero().flatten().tolist()) == set(dm.train_indices.tolist())
+    assert mem.written.sum() == 200 and set(mem.written.nonzero().flatten().tolist()) == set(
+        dm.train_indices.tolist()
+    )
     assert torch.allclose(mem.values[mem.written].sum(-1), torch.ones(200), atol=1e-5)
     trainer.save_checkpoint(tmp_path / "ps.ckpt")
     loaded = ClassificationModule.load_from_checkpoint(tmp_path / "ps.ckpt")

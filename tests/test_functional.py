@@ -36,11 +36,17 @@ def test_cross_entropy_label_smoothing_and_soft_targets(logits):
     q = np.full((6, c), eps / c)
     q[np.arange(6), y.numpy()] += 1 - eps
     expected = -(q * np_log_softmax(logits.numpy())).sum(-1)
-    np.testing.assert_allclose(cross_entropy(logits, y, label_smoothing=eps, reduction="none").numpy(), expected, rtol=1e-5)
-    assert torch.allclose(cross_entropy(logits, y, label_smoothing=eps), F.cross_entropy(logits, y, label_smoothing=eps))
+    np.testing.assert_allclose(
+        cross_entropy(logits, y, label_smoothing=eps, reduction="none").numpy(), expected, rtol=1e-5
+    )
+    assert torch.allclose(
+        cross_entropy(logits, y, label_smoothing=eps), F.cross_entropy(logits, y, label_smoothing=eps)
+    )
     # one-hot soft targets reduce to the hard-label loss
     soft = F.one_hot(y, c).float()
-    assert torch.allclose(cross_entropy(logits, soft, reduction="none"), cross_entropy(logits, y, reduction="none"))
+    assert torch.allclose(
+        cross_entropy(logits, soft, reduction="none"), cross_entropy(logits, y, reduction="none")
+    )
 
 
 def test_cross_entropy_ignore_index(logits):
@@ -60,7 +66,9 @@ def test_kd_matches_formula(logits, rng):
     assert torch.allclose(kd_loss(logits, t, tau), per.mean())
     assert torch.allclose(kd_loss(logits, t, tau, reduction="sum"), per.sum())
     # same as torch's batchmean KL times tau^2
-    ref = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t / tau, -1), log_target=True, reduction="batchmean")
+    ref = F.kl_div(
+        F.log_softmax(logits / tau, -1), F.log_softmax(t / tau, -1), log_target=True, reduction="batchmean"
+    )
     assert torch.allclose(kd_loss(logits, t, tau), ref * tau**2, rtol=1e-5)
 
 
@@ -111,4 +119,6 @@ def test_stability_extreme_logits_and_bf16(rng):
         assert torch.isfinite(vb) and torch.isfinite(sb.grad).all()
     # bf16 input gives the float32 value of the rounded logits
     z = torch.randn(4, 10, generator=rng)
-    assert math.isclose(float(cross_entropy(z.bfloat16(), y)), float(cross_entropy(z.bfloat16().float(), y)), rel_tol=1e-6)
+    assert math.isclose(
+        float(cross_entropy(z.bfloat16(), y)), float(cross_entropy(z.bfloat16().float(), y)), rel_tol=1e-6
+    )

@@ -40,7 +40,10 @@ class Hint(LossTerm):
         self.projectors = ProjectorSet()
 
     def setup(self, example):
-        s, t = example.student.features[self.student_features[0]], example.teacher.features[self.teacher_features[0]]
+        s, t = (
+            example.student.features[self.student_features[0]],
+            example.teacher.features[self.teacher_features[0]],
+        )
         self.projectors.ensure("hint", s, t)
 
     def forward(self, step):
@@ -50,14 +53,31 @@ class Hint(LossTerm):
 
 def distiller(teacher=None, seed=1, **kw):
     torch.manual_seed(seed)
-    kw.setdefault("terms", {"ce": {"loss": "cross_entropy", "weight": 0.5}, "kd": {"distiller": "kd", "weight": 0.5}, "hint": Hint()})
-    return DistillationModule("convnet", teacher or Teacher(teacher_net()), num_classes=10, in_chans=1,
-                              model_kwargs={"width": 4}, optimizer=ADAM, scheduler={"name": "cosine"}, **kw)
+    kw.setdefault(
+        "terms",
+        {
+            "ce": {"loss": "cross_entropy", "weight": 0.5},
+            "kd": {"distiller": "kd", "weight": 0.5},
+            "hint": Hint(),
+        },
+    )
+    return DistillationModule(
+        "convnet",
+        teacher or Teacher(teacher_net()),
+        num_classes=10,
+        in_chans=1,
+        model_kwargs={"width": 4},
+        optimizer=ADAM,
+        scheduler={"name": "cosine"},
+        **kw,
+    )
 
 
 def test_classification_module_learns(make_trainer):
     L.seed_everything(0)
-    module = ClassificationModule("convnet", num_classes=10, in_chans=1, model_kwargs={"width": 8}, optimizer=ADAM)
+    module = ClassificationModule(
+        "convnet", num_classes=10, in_chans=1, model_kwargs={"width": 8}, optimizer=ADAM
+    )
     dm = digits()
     trainer = make_trainer(max_epochs=3)
     trainer.fit(module, datamodule=dm)
@@ -87,8 +107,15 @@ def test_checkpoint_excludes_teacher_and_loads_strictly(tmp_path, make_trainer):
     assert sum(v.numel() for v in ckpt["state_dict"].values() if torch.is_tensor(v)) < teacher_param_count
     assert any(k.startswith("loss_terms.hint.projectors") for k in keys)
     # strict reload, without a dry run: the projector is rebuilt from its recorded spec
-    loaded = DistillationModule.load_from_checkpoint(path, teacher=module.teacher, terms={
-        "ce": {"loss": "cross_entropy", "weight": 0.5}, "kd": {"distiller": "kd", "weight": 0.5}, "hint": Hint()})
+    loaded = DistillationModule.load_from_checkpoint(
+        path,
+        teacher=module.teacher,
+        terms={
+            "ce": {"loss": "cross_entropy", "weight": 0.5},
+            "kd": {"distiller": "kd", "weight": 0.5},
+            "hint": Hint(),
+        },
+    )
     for k, v in module.state_dict().items():
         other = loaded.state_dict()[k]
         assert torch.equal(v, other) if torch.is_tensor(v) else v == other, k
@@ -96,12 +123,17 @@ def test_checkpoint_excludes_teacher_and_loads_strictly(tmp_path, make_trainer):
     ckpt["state_dict"]["model.bogus"] = torch.zeros(1)
     torch.save(ckpt, path)
     with pytest.raises(RuntimeError, match="bogus"):
-        DistillationModule.load_from_checkpoint(path, teacher=module.teacher, terms={
-            "ce": {"loss": "cross_entropy"}, "kd": {"distiller": "kd"}, "hint": Hint()})
+        DistillationModule.load_from_checkpoint(
+            path,
+            teacher=module.teacher,
+            terms={"ce": {"loss": "cross_entropy"}, "kd": {"distiller": "kd"}, "hint": Hint()},
+        )
 
 
 def test_classification_checkpoint_roundtrip_via_hparams(tmp_path, make_trainer):
-    module = ClassificationModule("convnet", num_classes=10, in_chans=1, model_kwargs={"width": 4}, optimizer=ADAM)
+    module = ClassificationModule(
+        "convnet", num_classes=10, in_chans=1, model_kwargs={"width": 4}, optimizer=ADAM
+    )
     trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(module, datamodule=digits())
     trainer.save_checkpoint(tmp_path / "c.ckpt")
@@ -125,7 +157,9 @@ def test_teacher_stays_eval_and_unchanged_across_validation_loops(make_trainer):
     net = module.teacher.nets[0]
     before = {k: v.clone() for k, v in net.state_dict().items()}
     watch = TeacherWatch()
-    trainer = make_trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=2, callbacks=[watch], num_sanity_val_steps=1)
+    trainer = make_trainer(
+        max_epochs=3, limit_train_batches=4, limit_val_batches=2, callbacks=[watch], num_sanity_val_steps=1
+    )
     trainer.fit(module, datamodule=digits())
     assert watch.checked == 12
     for k, v in net.state_dict().items():  # BatchNorm running stats included
@@ -154,20 +188,38 @@ def _final_weights(tmp_path, stop_after=None, max_epochs=3):
     ckpt_dir = tmp_path / "ckpt"
     kw = dict(max_epochs=max_epochs, limit_val_batches=2, deterministic=True)
     if stop_after is None:
-        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  enable_checkpointing=False, **kw).fit(module, datamodule=dm)
+        L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            **kw,
+        ).fit(module, datamodule=dm)
         return module.state_dict()
     cb = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              callbacks=[cb, StopAfter(stop_after)], **kw).fit(module, datamodule=dm)
+    L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, StopAfter(stop_after)],
+        **kw,
+    ).fit(module, datamodule=dm)
     # a fresh process would start from scratch: new objects, other RNG state
     torch.manual_seed(12345)
     L.seed_everything(7, workers=True)
     resumed = distiller(seed=99)
     dm = digits(train_subset=320)
     cb = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              callbacks=[cb], **kw).fit(resumed, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        **kw,
+    ).fit(resumed, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt"))
     return resumed.state_dict()
 
 
@@ -207,7 +259,9 @@ def test_bad_inputs_give_clear_errors(make_trainer):
         make_trainer(max_epochs=1).fit(module, train_dataloaders=plain)
     bad = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.full((32,), 11)), batch_size=16)
     with pytest.raises(ValueError, match="labels out of range"):
-        make_trainer(max_epochs=1).fit(ClassificationModule("convnet", num_classes=10, in_chans=1), train_dataloaders=bad)
+        make_trainer(max_epochs=1).fit(
+            ClassificationModule("convnet", num_classes=10, in_chans=1), train_dataloaders=bad
+        )
 
 
 def test_plain_dataloaders_and_example_input(make_trainer):
@@ -233,7 +287,11 @@ def test_projector_is_saved_with_student_not_teacher():
     module = distiller()
     module.prepare(torch.randn(2, 1, 8, 8))
     proj = module.loss_terms["hint"].projectors["hint"]
-    assert isinstance(proj.proj[0], nn.Conv2d) and proj.proj[0].in_channels == 8 and proj.proj[0].out_channels == 32
+    assert (
+        isinstance(proj.proj[0], nn.Conv2d)
+        and proj.proj[0].in_channels == 8
+        and proj.proj[0].out_channels == 32
+    )
 
 
 def test_modules_from_yaml(tmp_path, make_trainer):
@@ -245,7 +303,7 @@ def test_modules_from_yaml(tmp_path, make_trainer):
     trainer.save_checkpoint(tmp_path / "teacher.ckpt")
     cfg = yaml.safe_load(f"""
 student: convnet
-teacher: {tmp_path / 'teacher.ckpt'}
+teacher: {tmp_path / "teacher.ckpt"}
 num_classes: 10
 in_chans: 1
 model_kwargs: {{width: 4}}
@@ -281,14 +339,18 @@ def test_callback_injects_term_and_weighter_in_setup(make_trainer):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(outputs)
 
-    trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[InjectTerm(), Watch()])
+    trainer = make_trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[InjectTerm(), Watch()]
+    )
     trainer.fit(module, datamodule=digits())
     assert "hint" in module.loss_terms and "hint" in module.loss_terms["hint"].projectors
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in module.loss_terms["hint"].parameters()} <= opt_params
     assert {"train/loss/hint", "train/loss/kd"} <= set(trainer.callback_metrics)
     # total = mean(0.5 * per_sample) because of the injected weighter
-    assert seen and torch.allclose(seen[-1]["loss"].detach(), 0.5 * seen[-1]["per_sample_loss"].mean(), rtol=1e-5)
+    assert seen and torch.allclose(
+        seen[-1]["loss"].detach(), 0.5 * seen[-1]["per_sample_loss"].mean(), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
@@ -300,7 +362,60 @@ def test_mixed_precision_training_is_finite(precision, make_trainer):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].detach())
 
-    make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, precision=precision,
-                 callbacks=[Watch()]).fit(module, datamodule=digits())
+    make_trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=1, precision=precision, callbacks=[Watch()]
+    ).fit(module, datamodule=digits())
     assert len(losses) == 3 and all(torch.isfinite(v) for v in losses)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class HookedPeer(LossTerm):
+    """A term with every lifecycle hook and a second network evaluated beside the student."""
+
+    needs_target = True
+
+    def __init__(self):
+        super().__init__()
+        self.peer = nn.Linear(64, 10)
+        self.calls = {"start": 0, "batch": 0, "epoch": 0}
+
+    def forward(self, step):
+        return cross_entropy(self.peer(step.batch.input.flatten(1)), step.target, reduction="none")
+
+    def on_train_start(self, module):
+        self.calls["start"] += 1
+        torch.rand(100)  # a pass over data would draw random numbers: resume must not shift
+
+    def on_train_batch_end(self, module):
+        self.calls["batch"] += 1
+
+    def on_train_epoch_end(self, module):
+        self.calls["epoch"] += 1
+
+    def eval_logits(self, batch):
+        return {"peer": self.peer(batch.input.flatten(1))}
+
+
+def test_term_lifecycle_hooks_and_extra_network_accuracy(make_trainer):
+    L.seed_everything(0)
+    module = ClassificationModule(
+        "convnet",
+        num_classes=10,
+        in_chans=1,
+        model_kwargs={"width": 8},
+        optimizer=ADAM,
+    )
+    term = HookedPeer()
+    module.add_term("peer", term, 1.0)
+    dm = digits(augment=False)
+    trainer = make_trainer(max_epochs=2, limit_train_batches=4)
+    trainer.fit(module, datamodule=dm)
+    assert term.calls == {"start": 1, "batch": 8, "epoch": 2}
+    (res,) = trainer.test(module, datamodule=dm, verbose=False)
+    # the peer's logged accuracy equals a direct count (it is trained: its parameters moved)
+    with torch.no_grad():
+        pairs = [(term.peer(b.input.flatten(1)).argmax(1), b.target) for b in dm.test_dataloader()]
+    correct = sum((p == t).sum().item() for p, t in pairs)
+    total = sum(len(t) for _, t in pairs)
+    assert res["test/peer/acc"] == pytest.approx(correct / total, abs=1e-6)
+    assert res["test/peer/acc"] > 0.3

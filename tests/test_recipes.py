@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_module(*args, env=None, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
@@ -46,30 +50,73 @@ def test_distill_fast_writes_results(tmp_path):
 
 def test_seeds_config_and_overrides(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("terms:\n  ce: {loss: cross_entropy, weight: 0.3}\n  kd: {distiller: kd, weight: 0.7, temperature: 3.0}\n")
-    res = distill.main(["--data", "digits", "--fast", "--seeds", "0,1", "--config", str(cfg), "--method.temperature", "2",
-                        "--out", str(tmp_path / "o"), "--trainer.enable_progress_bar", "false"])
+    cfg.write_text(
+        "terms:\n  ce: {loss: cross_entropy, weight: 0.3}\n  kd: {distiller: kd, weight: 0.7, temperature: 3.0}\n"
+    )
+    res = distill.main(
+        [
+            "--data",
+            "digits",
+            "--fast",
+            "--seeds",
+            "0,1",
+            "--config",
+            str(cfg),
+            "--method.temperature",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert res["seeds"] == [0, 1] and len(res["student_acc_per_seed"]) == 2
     assert res["terms"]["kd"] == {"distiller": "kd", "weight": 0.7, "temperature": 2}
     assert res["terms"]["ce"]["weight"] == 0.3
     assert "±" in capsys.readouterr().out
     # the second run reuses the cached teacher
-    distill.main(["--data", "digits", "--fast", "--out", str(tmp_path / "p"), "--trainer.enable_progress_bar", "false"])
+    distill.main(
+        ["--data", "digits", "--fast", "--out", str(tmp_path / "p"), "--trainer.enable_progress_bar", "false"]
+    )
     assert "reusing the teacher" in capsys.readouterr().out
 
 
 def test_given_teacher_checkpoint(tmp_path):
-    first = distill.main(["--data", "digits", "--fast", "--out", str(tmp_path / "a"), "--trainer.enable_progress_bar", "false"])
+    first = distill.main(
+        ["--data", "digits", "--fast", "--out", str(tmp_path / "a"), "--trainer.enable_progress_bar", "false"]
+    )
     ckpt = tmp_path / "a" / "checkpoints" / "student_seed0" / "last.ckpt"
-    res = distill.main(["--data", "digits", "--fast", "--teacher", str(ckpt), "--out", str(tmp_path / "b"),
-                        "--trainer.enable_progress_bar", "false"])
+    res = distill.main(
+        [
+            "--data",
+            "digits",
+            "--fast",
+            "--teacher",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "b"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert res["teacher"] == str(ckpt)
     assert res["teacher_acc"] == pytest.approx(first["baseline_acc"], abs=1e-6)
 
 
 def test_train_recipe_fast(tmp_path):
-    res = train.main(["--data", "digits", "--fast", "--loss.label_smoothing", "0.1", "--out", str(tmp_path),
-                      "--trainer.enable_progress_bar", "false"])
+    res = train.main(
+        [
+            "--data",
+            "digits",
+            "--fast",
+            "--loss.label_smoothing",
+            "0.1",
+            "--out",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert res["method"] == "cross_entropy" and 0 <= res["acc"] <= 1
     assert res["terms"]["cross_entropy"]["label_smoothing"] == 0.1
     assert json.loads((tmp_path / "results.json").read_text())["acc"] == res["acc"]
@@ -91,8 +138,20 @@ def test_recipe_errors():
 def test_distill_fast_under_two_process_ddp(tmp_path):
     out = tmp_path / "ddp"
     r = run_module(
-        "recipes.distill", "--method", "kd", "--data", "digits", "--fast", "--out", str(out),
-        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+        "recipes.distill",
+        "--method",
+        "kd",
+        "--data",
+        "digits",
+        "--fast",
+        "--out",
+        str(out),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.accelerator",
+        "cpu",
         env={"TOOLKIT_CACHE": str(tmp_path / "cache")},
     )
     assert r.returncode == 0, r.stderr[-4000:]
@@ -105,7 +164,9 @@ def test_distill_fast_under_two_process_ddp(tmp_path):
 def test_default_demonstration(tmp_path):
     """The README's `make run`: under 5 minutes on 2 cores, and KD beats the student alone."""
     out = tmp_path / "demo"
-    r = run_module("recipes.distill", "--out", str(out), env={"TOOLKIT_CACHE": str(tmp_path / "cache")}, timeout=900)
+    r = run_module(
+        "recipes.distill", "--out", str(out), env={"TOOLKIT_CACHE": str(tmp_path / "cache")}, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert res["data"] == "fashion_mnist" and res["method"] == "kd"
@@ -125,8 +186,13 @@ def test_every_config_resolves_and_builds(path):
     args, overrides = parse(common_parser("x", "y", "method"), ["--config", str(path)])
     cfg = resolve_config(module.DEFAULTS, recipe, args, overrides)
     data_cls = registry.get("data", cfg["data"])
-    kw = {"num_classes": data_cls.num_classes, "in_chans": data_cls.in_chans, "model_kwargs": cfg.get("student_args"),
-          "optimizer": cfg.get("optimizer"), "scheduler": cfg.get("scheduler")}
+    kw = {
+        "num_classes": data_cls.num_classes,
+        "in_chans": data_cls.in_chans,
+        "model_kwargs": cfg.get("student_args"),
+        "optimizer": cfg.get("optimizer"),
+        "scheduler": cfg.get("scheduler"),
+    }
     if recipe == "distill":
         tt = cfg["teacher_train"]
         teacher = ClassificationModule(tt["model"], **{**kw, "model_kwargs": tt.get("model_args")}).model
@@ -140,11 +206,26 @@ def test_every_config_resolves_and_builds(path):
 
 def test_compare_runs_methods_on_one_teacher(tmp_path):
     out = tmp_path / "cmp"
-    res = distill.main(["--compare", "kd", "--data", "digits", "--fast", "--seeds", "0,1", "--out", str(out),
-                        "--trainer.enable_progress_bar", "false"])
+    res = distill.main(
+        [
+            "--compare",
+            "kd",
+            "--data",
+            "digits",
+            "--fast",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert set(res["runs"]) == {"student", "kd"}
     assert len(res["runs"]["kd"]["acc_per_seed"]) == 2 and res["student_acc"] == res["runs"]["kd"]["acc"]
-    assert (out / "comparison.png").stat().st_size > 1000 and "student + kd" in (out / "results.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 1000 and "student + kd" in (
+        out / "results.md"
+    ).read_text()
     r = run_module("recipes.distill", "--compare", "kd,kd", "--fast")
     assert r.returncode != 0 and "lists a method twice" in r.stderr
     r = run_module("recipes.distill", "--compare", "kd,dkdx", "--data", "digits", "--fast")

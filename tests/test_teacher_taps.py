@@ -57,7 +57,9 @@ def test_teacher_input_transform_and_precision():
     x = torch.rand(2, 3, 4, 4)
     ren = Renormalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     raw = x * 0.5 + 0.5
-    expected = (raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = (raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    ).view(1, 3, 1, 1)
     assert torch.allclose(ren(x), expected, atol=1e-6)
     seen = {}
 

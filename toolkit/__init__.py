@@ -1,7 +1,7 @@
 """toolkit: Lightning-native distillation, losses and data selection as plug-ins.
 
-    from toolkit import build
-    kd = build("distiller", "kd", temperature=4.0)
+from toolkit import build
+kd = build("distiller", "kd", temperature=4.0)
 """
 
 from toolkit import data, distill, losses, models, modules, optim  # noqa: F401 - fill the registry

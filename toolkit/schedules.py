@@ -63,8 +63,12 @@ def as_weight(spec: Any) -> Weight:
         try:
             return Ramp(shape=shape, **kw)
         except TypeError as e:
-            raise TypeError(f"bad schedule spec {dict(spec)}: {e}. Keys: schedule, start, end, begin_epoch, end_epoch") from e
-    raise TypeError(f"a term weight must be a number, a callable or a schedule dict, got {type(spec).__name__}")
+            raise TypeError(
+                f"bad schedule spec {dict(spec)}: {e}. Keys: schedule, start, end, begin_epoch, end_epoch"
+            ) from e
+    raise TypeError(
+        f"a term weight must be a number, a callable or a schedule dict, got {type(spec).__name__}"
+    )
 
 
 def weight_value(weight: Weight, progress: Progress) -> float:

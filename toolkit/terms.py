@@ -55,3 +55,22 @@ class LossTerm(nn.Module):
 
     def forward(self, step: Step) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # Lifecycle hooks, called by the module for every term (all optional). They let a method keep
+    # state beyond one step without a separate callback: a pass over the data before training
+    # (class means), an update after each optimiser step (an EMA teacher), a second network that
+    # is evaluated alongside the student (online distillation).
+
+    def on_train_start(self, module: Any) -> None:  # noqa: B027 - optional hook
+        """Once per `fit`, after a checkpoint is restored and before the first training batch."""
+
+    def on_train_batch_end(self, module: Any) -> None:  # noqa: B027 - optional hook
+        """After every optimiser step."""
+
+    def on_train_epoch_end(self, module: Any) -> None:  # noqa: B027 - optional hook
+        """At the end of every training epoch."""
+
+    def eval_logits(self, batch: Batch) -> dict[str, Tensor]:
+        """Logits of extra networks this term trains, keyed by a short name; the module logs
+        their accuracy as `val/<name>/acc` and `test/<name>/acc`. Default: none."""
+        return {}

@@ -136,7 +136,13 @@ class ClassificationDataModule(L.LightningDataModule):
         }
         if train:
             sampler = IndexSampler(ds, shuffle=True, seed=self.seed, with_epoch=True)
-            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, persistent_workers=self.num_workers > 0, **common)
+            return DataLoader(
+                ds,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                persistent_workers=self.num_workers > 0,
+                **common,
+            )
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:

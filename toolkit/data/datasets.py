@@ -82,7 +82,9 @@ class TensorImageDataset(Dataset):
             raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
         self.images = images
         self.targets = targets.long()
-        self.indices = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self.indices = (
+            torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        )
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.transform = transform

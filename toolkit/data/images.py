@@ -117,7 +117,12 @@ class FashionMNISTDataModule(_InMemoryImages):
     mean = (0.2860,)
     std = (0.3530,)
     augmentation = RandomCropFlip(padding=2, flip=True)
-    FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    FILES = (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
 
     def __init__(self, data_dir: str | None = None, download: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -125,7 +130,11 @@ class FashionMNISTDataModule(_InMemoryImages):
         self.download = download
 
     def _find(self) -> list[Path] | None:
-        for folder in (self.data_dir / "fashion_mnist", FASHION_MNIST_SYSTEM_DIR, self.data_dir / "FashionMNIST" / "raw"):
+        for folder in (
+            self.data_dir / "fashion_mnist",
+            FASHION_MNIST_SYSTEM_DIR,
+            self.data_dir / "FashionMNIST" / "raw",
+        ):
             found = []
             for name in self.FILES:
                 cands = [folder / name, folder / f"{name}.gz"]
@@ -230,14 +239,18 @@ class ImageFolderDataModule(ClassificationDataModule):
         train = self.root / "train" if (self.root / "train").is_dir() else self.root
         test = next((self.root / d for d in ("test", "val") if (self.root / d).is_dir()), None)
         if test is not None and train == self.root:
-            raise ValueError(f"{self.root} has a {test.name}/ folder but no train/ folder: put the training classes in {self.root / 'train'}")
+            raise ValueError(
+                f"{self.root} has a {test.name}/ folder but no train/ folder: put the training classes in {self.root / 'train'}"
+            )
         return train, test
 
     def _classes(self) -> None:
         train, _ = self._dirs()
         classes = sorted(d.name for d in train.iterdir() if d.is_dir())
         if not classes:
-            raise FileNotFoundError(f"no class sub-folders in {train}: expected {train}/<class_name>/<image files>")
+            raise FileNotFoundError(
+                f"no class sub-folders in {train}: expected {train}/<class_name>/<image files>"
+            )
         self.classes = classes
         self.num_classes = len(classes)
 
@@ -248,7 +261,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         norm = [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         plain = transforms.Compose([transforms.Resize(self.image_size), *norm])
         aug = transforms.Compose(
-            [transforms.RandomResizedCrop(self.image_size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip(), *norm]
+            [
+                transforms.RandomResizedCrop(self.image_size, scale=(0.5, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                *norm,
+            ]
         )
 
         def folder(root: Path, tf):
@@ -280,6 +297,8 @@ class ImageFolderDataModule(ClassificationDataModule):
 
         def make(indices, train: bool, test: bool):
             # Items report their position in the pool (or test split): per-sample memories size by it.
-            return IndexedDataset(source(test, aug if (train and self.augment) else plain), indices, seed=self.seed)
+            return IndexedDataset(
+                source(test, aug if (train and self.augment) else plain), indices, seed=self.seed
+            )
 
         return Splits(targets, test_targets, make)

@@ -21,13 +21,17 @@ from torch.utils.data import DistributedSampler
 
 
 class IndexSampler(DistributedSampler):
-    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False, with_epoch: bool = False) -> None:
+    def __init__(
+        self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False, with_epoch: bool = False
+    ) -> None:
         self.with_epoch = with_epoch
         if dist.is_available() and dist.is_initialized():
             replicas, rank = dist.get_world_size(), dist.get_rank()
         else:
             replicas, rank = 1, 0
-        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        super().__init__(
+            dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         n = len(self.dataset)

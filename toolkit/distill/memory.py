@@ -81,7 +81,9 @@ class SampleMemory(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         values, written = state["values"], state["written"]
         if tuple(values.shape[1:]) != self.row_shape:
-            raise ValueError(f"checkpoint memory rows have shape {tuple(values.shape[1:])}, this run expects {self.row_shape}")
+            raise ValueError(
+                f"checkpoint memory rows have shape {tuple(values.shape[1:])}, this run expects {self.row_shape}"
+            )
         self.values, self.written = values.to(self.dtype), written.bool()
 
     def extra_repr(self) -> str:

@@ -37,7 +37,9 @@ class Projector(nn.Module):
     def between(cls, student_feature: Tensor, teacher_feature: Tensor) -> Projector:
         s, t = student_feature, teacher_feature
         if s.dim() != t.dim():
-            raise ValueError(f"student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} differ in rank")
+            raise ValueError(
+                f"student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} differ in rank"
+            )
         if s.dim() == 4:
             return cls(s.shape[1], t.shape[1], 4, tuple(t.shape[-2:]))
         return cls(s.shape[-1], t.shape[-1], s.dim())

@@ -63,7 +63,10 @@ class PSKDLoss(LossTerm):
         return loss
 
     def get_extra_state(self):
-        return {"has_memory": self.memory is not None, "num_classes": None if self.memory is None else self.memory.row_shape[0]}
+        return {
+            "has_memory": self.memory is not None,
+            "num_classes": None if self.memory is None else self.memory.row_shape[0],
+        }
 
     def set_extra_state(self, state) -> None:
         if state["has_memory"]:

@@ -35,7 +35,9 @@ def cross_entropy(
     num_classes = logits.shape[-1]
     if target.is_floating_point():
         if target.shape != logits.shape:
-            raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
         q = target.float()
         if label_smoothing:
             q = (1 - label_smoothing) * q + label_smoothing / num_classes

@@ -33,7 +33,9 @@ def ps_kd_targets(target: Tensor, past_probs: Tensor, alpha_t: float) -> Tensor:
     return (1 - alpha_t) * onehot + alpha_t * past_probs
 
 
-def ps_kd_loss(logits: Tensor, target: Tensor, past_probs: Tensor, alpha_t: float, reduction: str = "mean") -> Tensor:
+def ps_kd_loss(
+    logits: Tensor, target: Tensor, past_probs: Tensor, alpha_t: float, reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy of `logits` against the progressively refined targets."""
     if not 0.0 <= alpha_t <= 1.0:
         raise ValueError(f"alpha_t must be in [0, 1], got {alpha_t}")

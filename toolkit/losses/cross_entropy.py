@@ -27,7 +27,9 @@ class CrossEntropyLoss(LossTerm):
         self.ignore_index = ignore_index
 
     def forward(self, step: Step) -> Tensor:
-        return cross_entropy(step.student.logits, step.target, self.label_smoothing, self.ignore_index, reduction="none")
+        return cross_entropy(
+            step.student.logits, step.target, self.label_smoothing, self.ignore_index, reduction="none"
+        )
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}"

@@ -4,4 +4,11 @@ from toolkit.models import cifar  # noqa: F401 - registers the CIFAR family
 from toolkit.models.factory import create_model, load_model_checkpoint, model_names
 from toolkit.models.output import forward_output, num_classes_of, unwrap
 
-__all__ = ["create_model", "forward_output", "load_model_checkpoint", "model_names", "num_classes_of", "unwrap"]
+__all__ = [
+    "create_model",
+    "forward_output",
+    "load_model_checkpoint",
+    "model_names",
+    "num_classes_of",
+    "unwrap",
+]

@@ -50,7 +50,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -59,7 +61,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(_TimmLikeHead, nn.Module):
-    def __init__(self, depth: int, widths=(16, 16, 32, 64), num_classes: int = 100, in_chans: int = 3) -> None:
+    def __init__(
+        self, depth: int, widths=(16, 16, 32, 64), num_classes: int = 100, in_chans: int = 3
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -106,7 +110,9 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(_TimmLikeHead, nn.Module):
-    def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_chans: int = 3, drop_rate: float = 0.0):
+    def __init__(
+        self, depth: int, widen_factor: int, num_classes: int = 100, in_chans: int = 3, drop_rate: float = 0.0
+    ):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
@@ -143,12 +149,19 @@ class ConvNet(_TimmLikeHead, nn.Module):
     The deliberately small student of the default demonstration (much smaller than the teacher,
     which is where KD pays off)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, depth: int = 2, head_pool: int = 4):
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, width: int = 16, depth: int = 2, head_pool: int = 4
+    ):
         super().__init__()
         layers, c = [], in_chans
         for i in range(depth):
             w = width * 2**i
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c = w
         self.features = nn.Sequential(*layers)
         self.head_pool = head_pool

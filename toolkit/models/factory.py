@@ -31,7 +31,9 @@ def model_names() -> list[str]:
     return registry.names("model")
 
 
-def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, num_classes: int | None = None, in_chans: int | None = None, **kwargs: Any
+) -> nn.Module:
     """A model from a name: "timm:NAME", "hf:PATH_OR_NAME", a registered toolkit name, or a
     toolkit checkpoint path."""
     if is_checkpoint_path(name):
@@ -50,7 +52,9 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 close = difflib.get_close_matches(timm_name, timm.list_models(), n=5, cutoff=0.6)
-                raise ValueError(f"unknown timm model {timm_name!r}. Close matches: {', '.join(close) or 'none'}") from e
+                raise ValueError(
+                    f"unknown timm model {timm_name!r}. Close matches: {', '.join(close) or 'none'}"
+                ) from e
             raise
     if name.startswith("hf:"):
         return _create_hf(name[3:], num_classes, **kwargs)
@@ -104,7 +108,7 @@ def load_model_checkpoint(path: str | Path) -> nn.Module:
         )
     model = create_model(spec["name"], **spec.get("kwargs", {}))
     prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

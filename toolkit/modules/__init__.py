@@ -5,4 +5,11 @@ from toolkit.modules.classification import ClassificationModule
 from toolkit.modules.config import build_term, build_terms
 from toolkit.modules.distillation import DistillationModule
 
-__all__ = ["ClassificationModule", "DistillationModule", "LossBus", "SampleWeighter", "build_term", "build_terms"]
+__all__ = [
+    "ClassificationModule",
+    "DistillationModule",
+    "LossBus",
+    "SampleWeighter",
+    "build_term",
+    "build_terms",
+]

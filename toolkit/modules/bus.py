@@ -144,9 +144,13 @@ class LossBus:
             weights[name] = w
             value = term(step)
             if value.dim() == 1 and value.shape[0] != b:
-                raise ValueError(f"loss term {name!r} returned {value.shape[0]} per-sample values for a batch of {b}")
+                raise ValueError(
+                    f"loss term {name!r} returned {value.shape[0]} per-sample values for a batch of {b}"
+                )
             if value.dim() > 1:
-                raise ValueError(f"loss term {name!r} must return (B,) or a scalar, got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"loss term {name!r} must return (B,) or a scalar, got shape {tuple(value.shape)}"
+                )
             values[name] = value
             if value.dim() == 1:
                 per_sample = per_sample + w * value.float()
@@ -181,7 +185,9 @@ class LossBus:
             "index": step.batch.index,
         }
 
-    def loss_from(self, output: Tensor | ModelOutput, batch: Any, teacher: ModelOutput | None = None) -> dict[str, Any]:
+    def loss_from(
+        self, output: Tensor | ModelOutput, batch: Any, teacher: ModelOutput | None = None
+    ) -> dict[str, Any]:
         """For a user's own training_step: the loss of these logits (or ModelOutput) on `batch`."""
         student = output if isinstance(output, ModelOutput) else ModelOutput(output)
         step = Step(as_batch(batch), student, teacher, self.progress(), self)
@@ -191,6 +197,22 @@ class LossBus:
         """Let every term size its trainable parts from a dry-run step."""
         for term in self.loss_terms.values():
             term.setup(example)
+
+    # Lightning hooks forwarded to the terms (a subclass that overrides one calls super()).
+    def on_train_start(self) -> None:
+        super().on_train_start()  # type: ignore[misc]
+        for term in self.loss_terms.values():
+            term.on_train_start(self)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # type: ignore[misc]
+        for term in self.loss_terms.values():
+            term.on_train_batch_end(self)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # type: ignore[misc]
+        for term in self.loss_terms.values():
+            term.on_train_epoch_end(self)
 
 
 __all__ = ["LossBus", "SampleWeighter"]

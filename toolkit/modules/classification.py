@@ -137,7 +137,9 @@ class ClassificationModule(LossBus, L.LightningModule):
 
     # -- set-up ---------------------------------------------------------------------------
     def _tap_paths(self, side: str) -> list[str]:
-        return list(dict.fromkeys(p for t in self.loss_terms.values() for p in getattr(t, f"{side}_features")))
+        return list(
+            dict.fromkeys(p for t in self.loss_terms.values() for p in getattr(t, f"{side}_features"))
+        )
 
     def _install_taps(self) -> None:
         paths = self._tap_paths("student")
@@ -178,7 +180,9 @@ class ClassificationModule(LossBus, L.LightningModule):
         finally:
             self.model.train(was_training)
         if student.logits.shape[-1] != self.num_classes:
-            raise ValueError(f"the model outputs {student.logits.shape[-1]} classes but num_classes={self.num_classes}")
+            raise ValueError(
+                f"the model outputs {student.logits.shape[-1]} classes but num_classes={self.num_classes}"
+            )
         self.check_teacher(student, teacher)
         self.setup_terms(Step(batch, student, teacher, Progress(), self))
         self._prepared = True
@@ -209,6 +213,10 @@ class ClassificationModule(LossBus, L.LightningModule):
         self.log(f"{prefix}/loss", cross_entropy(logits, b.target), batch_size=n, sync_dist=True)
         metrics.update(logits, b.target)
         self.log_dict(metrics, batch_size=n)
+        for term in self.loss_terms.values():
+            for name, extra in term.eval_logits(b).items():
+                acc = (extra.argmax(-1) == b.target).float().mean()
+                self.log(f"{prefix}/{name}/acc", acc, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -241,3 +249,7 @@ class ClassificationModule(LossBus, L.LightningModule):
         if rng is not None:
             set_rng_states(rng)
             self._resume_rng = None
+        super().on_train_start()  # LossBus: the terms' own start hooks
+        if rng is not None:
+            # a term's pass over the data must not shift the restored random stream
+            set_rng_states(rng)

@@ -33,7 +33,9 @@ def build_term(entry: Any) -> tuple[LossTerm, Any]:
         weight = kw.pop("weight", 1.0)
         kinds = [k for k in TERM_KINDS if k in kw]
         if len(kinds) > 1 or (not kinds and "name" not in kw):
-            raise ValueError(f"a term entry needs exactly one of 'loss', 'distiller' or 'name', got keys {sorted(entry)}")
+            raise ValueError(
+                f"a term entry needs exactly one of 'loss', 'distiller' or 'name', got keys {sorted(entry)}"
+            )
         if kinds:
             kind = kinds[0]
             return registry.build(kind, kw.pop(kind), **kw), weight

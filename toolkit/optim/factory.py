@@ -59,7 +59,9 @@ def _step(opt, step_size: int = 30, gamma: float = 0.1, max_epochs: int | None =
 
 
 @registry.register("scheduler", "cosine")
-def _cosine(opt, max_epochs: int | None = None, t_max: int | None = None, eta_min: float = 0.0, warmup_epochs: int = 0):
+def _cosine(
+    opt, max_epochs: int | None = None, t_max: int | None = None, eta_min: float = 0.0, warmup_epochs: int = 0
+):
     total = t_max or max_epochs
     if not total:
         raise ValueError("the cosine schedule needs t_max or the trainer's max_epochs")
