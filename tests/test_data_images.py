@@ -60,6 +60,8 @@ def test_digits_split_sizes(kw, n_train, n_val):
         "train": n_train,
         "val": n_val,
         "test": N_DIGITS_TEST,
+        "augment": False,
+        "augment_views": None,
     }
 
 

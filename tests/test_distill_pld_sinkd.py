@@ -236,6 +236,14 @@ def test_sinkd_matches_numpy_iteration(pair, tau, eps, n):
     assert got.item() == pytest.approx(np_sinkd(s.numpy(), t.numpy(), tau, eps, n), rel=1e-5)
 
 
+def test_sinkd_compares_tempered_softmax_distributions(pair):
+    """What the paper's text states: the Sinkhorn distance is taken between the teacher's and the
+    student's softmax outputs at temperature τ, so τ acts only through the softmax."""
+    s, t = pair
+    for tau in (0.5, 2.0, 5.0):
+        assert torch.allclose(sinkd_loss(s, t, tau), sinkd_loss(s / tau, t / tau, 1.0), rtol=1e-5)
+
+
 def test_sinkd_single_sample_is_l1_distance(pair):
     s, t = pair
     expected = np.abs(np_softmax(s[:1].numpy() / 2) - np_softmax(t[:1].numpy() / 2)).sum()

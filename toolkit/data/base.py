@@ -57,6 +57,10 @@ class ClassificationDataModule(L.LightningDataModule):
             0 validates on the test split.
         test_subset: evaluate on only this many test samples (quick runs).
         augment: random training augmentation (data-set specific; see subclass).
+        augment_views: with `augment`, repeat the augmentation every this many epochs (a sample's
+            random view in epoch e is the one of epoch e mod K), so a `TeacherCache` can store
+            the teacher's output for each of the K views; None (default) draws a new view every
+            epoch.
         num_workers: DataLoader workers.
         seed: seeds the split, the subset and the shuffling order.
     """
@@ -76,6 +80,7 @@ class ClassificationDataModule(L.LightningDataModule):
         val_split: int | float = 0.1,
         test_subset: int | None = None,
         augment: bool = False,
+        augment_views: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -87,7 +92,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_subset = train_subset
         self.val_split = val_split
         self.test_subset = test_subset
+        if augment_views is not None and (isinstance(augment_views, bool) or augment_views < 1):
+            raise ValueError(f"augment_views must be an integer >= 1 or None, got {augment_views!r}")
         self.augment = augment
+        self.augment_views = augment_views
         self.num_workers = num_workers
         self.seed = seed
         self.train_set: Dataset | None = None
@@ -135,7 +143,9 @@ class ClassificationDataModule(L.LightningDataModule):
             "generator": torch.Generator().manual_seed(self.seed),
         }
         if train:
-            sampler = IndexSampler(ds, shuffle=True, seed=self.seed, with_epoch=True)
+            sampler = IndexSampler(
+                ds, shuffle=True, seed=self.seed, with_epoch=True, views=self.augment_views
+            )
             return DataLoader(
                 ds,
                 batch_size=self.batch_size,
@@ -172,4 +182,6 @@ class ClassificationDataModule(L.LightningDataModule):
             "train": len(self.train_set),
             "val": len(self.val_set),
             "test": len(self.test_set),
+            "augment": self.augment,
+            "augment_views": self.augment_views,
         }

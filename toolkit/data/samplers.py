@@ -9,6 +9,8 @@ when the length is not divisible by the world size.
 With `with_epoch=True` it yields `(position, epoch)` keys instead of plain positions; toolkit
 datasets accept both and seed their augmentation from (seed, epoch, sample index), so the random
 view of a sample is a pure function of those three, in any process, worker or resumed run.
+With `views=K` the key carries `epoch mod K` instead: the augmentation repeats every K epochs
+(what a teacher-output cache needs), while the order still changes every epoch.
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ from torch.utils.data import DistributedSampler
 
 class IndexSampler(DistributedSampler):
     def __init__(
-        self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False, with_epoch: bool = False
+        self,
+        dataset,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        with_epoch: bool = False,
+        views: int | None = None,
     ) -> None:
+        if views is not None and (isinstance(views, bool) or views < 1):
+            raise ValueError(f"views must be an integer >= 1 or None, got {views!r}")
         self.with_epoch = with_epoch
+        self.views = views
         if dist.is_available() and dist.is_initialized():
             replicas, rank = dist.get_world_size(), dist.get_rank()
         else:
@@ -47,5 +58,6 @@ class IndexSampler(DistributedSampler):
             order += (order * (pad // max(1, n) + 1))[:pad]
         mine = order[self.rank : self.total_size : self.num_replicas]
         if self.with_epoch:
-            return iter([(i, self.epoch) for i in mine])
+            view = self.epoch if self.views is None else self.epoch % self.views
+            return iter([(i, view) for i in mine])
         return iter(mine)

@@ -1,9 +1,12 @@
 """Teacher/student machinery and distillers (registered under kind "distiller")."""
 
 from toolkit.distill.attention import AttentionTransferLoss
+from toolkit.distill.bdkd import BDKDLoss
+from toolkit.distill.cache import TeacherCache
 from toolkit.distill.dkd import DKDLoss
 from toolkit.distill.fitnet import FitNetLoss
 from toolkit.distill.logits import KDLoss
+from toolkit.distill.mean_teacher import MeanTeacherLoss
 from toolkit.distill.memory import SampleMemory
 from toolkit.distill.nkd import NKDLoss
 from toolkit.distill.pld import PLDLoss
@@ -15,10 +18,12 @@ from toolkit.distill.teacher import Renormalize, Teacher
 
 __all__ = [
     "AttentionTransferLoss",
+    "BDKDLoss",
     "DKDLoss",
     "FeatureTaps",
     "FitNetLoss",
     "KDLoss",
+    "MeanTeacherLoss",
     "NKDLoss",
     "PLDLoss",
     "PSKDLoss",
@@ -28,5 +33,6 @@ __all__ = [
     "SampleMemory",
     "SinKDLoss",
     "Teacher",
+    "TeacherCache",
     "resolve_module",
 ]

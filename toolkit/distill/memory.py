@@ -67,9 +67,15 @@ class SampleMemory(nn.Module):
         return self.values[index], self.written[index]
 
     @torch.no_grad()
-    def write(self, index: Tensor, rows: Tensor) -> None:
-        """Store rows (detached) at these indices, gathering every rank's writes under DDP."""
-        index, rows = gather_rows(index, rows.detach().to(self.dtype))
+    def write(self, index: Tensor, rows: Tensor, gather: bool = True) -> None:
+        """Store rows (detached) at these indices, gathering every rank's writes under DDP.
+
+        With `gather=False` each process keeps only its own writes (no collective call, so ranks
+        may write different numbers of times).
+        """
+        rows = rows.detach().to(self.dtype)
+        if gather:
+            index, rows = gather_rows(index, rows)
         self._grow(int(index.max()) + 1 if index.numel() else 0, index.device)
         self.values, self.written = self.values.to(index.device), self.written.to(index.device)
         self.values[index] = rows

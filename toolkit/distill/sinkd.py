@@ -18,8 +18,12 @@ class SinKDLoss(LossTerm):
     Cui et al., "Sinkhorn Distance Minimization for Knowledge Distillation" (LREC-COLING 2024;
     TNNLS 2024). L = Σ_ij P_ij·M_ij with M_ij = ‖softmax(s_i/τ) − softmax(t_j/τ)‖₁ over all B×B
     student/teacher pairs of the batch and P the plan after N Sinkhorn-Knopp normalisations of
-    exp(−M/ε). Cost, ε, N and τ follow the authors' official code (github.com/2018cx/SinKD,
-    `loss.py`); the paper's own equations were not available to check them against (see
+    exp(−M/ε). What the paper's text (readable here only up to its introduction) states and this
+    follows: a Sinkhorn (entropic Wasserstein) distance between the teacher's and the student's
+    tempered softmax distributions, in a batch-wise form that compares the batch's distributions
+    jointly instead of sample by sample. Cost, ε, N and τ follow the authors' official code
+    (github.com/2018cx/SinKD, `loss.py`, named as the paper's code in its TNNLS abstract); they
+    are not confirmed against the paper's equations, which could not be read (see
     `toolkit.functional.sinkd`).
 
     A batch-level term: it returns a scalar, has no per-sample form, so sample weighters do not

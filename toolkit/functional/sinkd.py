@@ -12,13 +12,29 @@ i.e. an entropic optimal-transport (Sinkhorn) cost between the student's and the
 tempered output distributions, seen as two empirical sets of B points. Both the plan Kᴺ and the
 cost M are differentiated through.
 
-Source of every detail: the authors' official code (github.com/2018cx/SinKD, class `Sinkhorn` in
+What the paper states (checked against its text as far as it could be read here): the paper was
+searched for in every stored copy (arxiv.org/html/2402.17110v1, ar5iv, the huggingface papers
+mirror of arxiv.org/html/2402.17110, sciencestack.ai, the themoonlight.io review, HAL
+hal-04803835 for the TNNLS version, the ACL Anthology entry), and each gives only its opening:
+title, abstract, keywords and the start of the introduction; the method section with its
+equations and hyper-parameter tables could not be read. That text states: (1) the divergence
+between the teacher's and the student's output distributions is a Sinkhorn distance (an
+entropy-regularised Wasserstein distance; keywords "Wasserstein distance, Sinkhorn distance");
+(2) it is used in a *batch-wise* reformulation that replaces sample-wise KD, comparing the
+distributions of the samples of a batch jointly ("to capture geometric intricacies of
+distributions across samples"), which is what the B×B cost above does; (3) the outputs compared
+are softmax distributions with a temperature τ (the review's restatement of the problem
+set-up: t_i = σ(f_T(x_i)), s_i = σ(f_S(x_i)), σ the softmax with temperature τ); (4) the code
+at github.com/2018cx/SinKD is the authors' own (the TNNLS abstract on HAL: "Codes and models are
+available at https://github.com/2018cx/SinKD"). The formula above is consistent with all four.
+NOT confirmed against the paper (its equations were not readable): the L1 cost between
+probability vectors, ε = 0.1, N = 20, τ = 2 and the loss weights.
+
+Source of those details: the authors' official code (github.com/2018cx/SinKD, class `Sinkhorn` in
 `loss.py`, the same class in `T0/lossd.py` and `GPT-Neo/lossd.py`): L1 cost
 `torch.cdist(p_s, p_t, p=1)`, ε = 0.1, N = 20 row/column normalisations, τ = 2 for the Sinkhorn
 term (hard-coded there, whatever temperature is passed), loss = sum over the B×B entries (the code
-then multiplies it by a constant, 0.0008-0.002 depending on the file and version). The paper's own
-equations could not be read from the material available here (only its abstract), so the cost,
-ε, N and τ are the code's and are NOT confirmed against the paper's text.
+then multiplies it by a constant, 0.0008-0.002 depending on the file and version).
 
 Notes on the definition (facts of the formula above, not claims about the paper):
 - It is batch-level: there is no per-sample form (a student row is compared with every teacher
