@@ -51,14 +51,17 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
 
 def merge_layer(cfg: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
     """`deep_merge`, except that a layer which changes the data set or a model drops the previous
-    layers' arguments for the old one (`data_args`, `student_args`, `teacher_train.model_args`)
-    unless it sets them."""
+    layers' arguments for the old one (`data_args`, `student_args`, `teacher_train.model_args`;
+    the layer's own arguments for the new one are kept), and a layer's `terms` replace the previous ones (a terms block is the
+    whole loss: merging would keep terms of another method)."""
     cfg = copy.deepcopy(cfg)
+    if "terms" in layer:
+        cfg.pop("terms", None)
     for key, args_key in (("student", "student_args"), ("data", "data_args")):
-        if key in layer and layer[key] != cfg.get(key) and args_key not in layer:
+        if key in layer and layer[key] != cfg.get(key):
             cfg[args_key] = {}
     tt = layer.get("teacher_train")
-    if isinstance(tt, Mapping) and "model" in tt and "model_args" not in tt:
+    if isinstance(tt, Mapping) and "model" in tt:
         if tt["model"] != cfg.get("teacher_train", {}).get("model"):
             cfg.setdefault("teacher_train", {})["model_args"] = {}
     return deep_merge(cfg, layer)
@@ -125,12 +128,14 @@ def resolve_config(
     defaults: dict[str, Any], recipe: str, args: argparse.Namespace, overrides: dict[str, Any]
 ) -> dict[str, Any]:
     cfg = copy.deepcopy(defaults)
-    method = args.method or cfg.get("method")
+    user_cfg = load_yaml(args.config) if args.config else {}
+    # the method's own YAML is the layer under --config: the method named on the command line,
+    # else the one --config names, else the recipe's default
+    method = args.method or user_cfg.get("method") or cfg.get("method")
     method_cfg = CONFIG_DIR / recipe / f"{method}.yaml"
-    if method and method_cfg.exists():
+    if method and method_cfg.exists() and method_cfg.resolve() != Path(args.config or "").resolve():
         cfg = merge_layer(cfg, load_yaml(method_cfg))
-    if args.config:
-        cfg = merge_layer(cfg, load_yaml(args.config))
+    cfg = merge_layer(cfg, user_cfg)
     flags = {
         "method": args.method,
         "data": args.data,

@@ -12,6 +12,17 @@ cached under $TOOLKIT_CACHE/teachers (default ~/.cache/toolkit), keyed by its co
 second run reuses it. For every seed the student is trained alone and with the method, from the
 same initialisation and data order; the table reports test accuracy, and OUT/results.json holds
 the numbers (method, data, seeds, teacher_acc, student_acc, baseline_acc, wall_seconds, ...).
+
+`--teacher a.ckpt,b.ckpt` (or `teacher_train.count: N`, N members trained with seeds 0..N-1 on the
+same data, each cached under its own key) gives an ensemble `Teacher` (its `combine` from
+`teacher_args.combine`, default mean logits). A config's `callbacks: {NAME: {options}}` adds
+registered callbacks (e.g. `knn_probe`) to every student run; the probe accuracies they log
+(`val/knn_acc`, `val/linear_probe_acc`) are added to the table and to results.json.
+
+A method whose config lists `stages:` (several generations, a pre-pass, a teacher of its own) runs
+them in order instead of the single "student + METHOD" run, each stage under OUT/stages/<name>/:
+running the same command again skips the finished stages and resumes an interrupted one from its
+last checkpoint (see `recipes/stages.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recipes import stages
 from recipes.common import (
     Timer,
     build_data,
@@ -46,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "data_args": {"batch_size": 128, "train_subset": 2000, "val_split": 2000},
     "teacher": None,
     "teacher_args": {},
+    # teacher logits computed once per sample and view, then read back, wherever that is exact
+    # (logit-only terms; no augmentation, or augment_views): see toolkit.distill.cache
+    "teacher_cache": "auto",
     "teacher_train": {
         "model": "convnet",
         "model_args": {"width": 16, "depth": 3},
@@ -93,52 +108,84 @@ def method_terms(cfg: dict[str, Any]) -> dict[str, Any]:
     return terms
 
 
-def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
-    """(Teacher, its test accuracy): loaded from --teacher, from the cache, or trained now."""
+PROBE_METRICS = ("val/knn_acc", "val/linear_probe_acc")
+
+
+def _member_net(cfg: dict[str, Any], dm, out: Path, seed: int):
+    """One trained teacher network (and its module): from the cache, or trained now with `seed`.
+    Member 0 keeps the single teacher's cache key; member i > 0 adds its seed to the key."""
     import lightning as L
 
     from toolkit.distill import Teacher
     from toolkit.modules import ClassificationModule
 
+    tt = {k: v for k, v in cfg["teacher_train"].items() if k != "count"}
+    data_args = {k: v for k, v in cfg["data_args"].items() if k not in ("train_subset", "batch_size")}
+    keyed = {
+        "data": cfg["data"],
+        "data_args": data_args,
+        "teacher_train": tt,
+        **({"seed": seed} if seed else {}),
+    }
+    path = (
+        cache_dir() / "teachers" / f"{cfg['data']}-{tt['model'].replace(':', '_')}-{fingerprint(keyed)}.ckpt"
+    )
+    if path.exists():
+        print(f"reusing the teacher trained before: {path}", flush=True)
+        net = Teacher.from_checkpoint(path).nets[0]
+        return net, ClassificationModule(net, num_classes=dm.num_classes)
+    print(
+        f"training a teacher ({tt['model']}, {tt['epochs']} epochs, seed {seed}); it will be cached at {path}",
+        flush=True,
+    )
+    L.seed_everything(seed, workers=True, verbose=False)
+    # every member sees the same split and subset (data seed 0): they differ by initialisation
+    tdm = build_data(cfg["data"], {**cfg["data_args"], "train_subset": tt["train_subset"]}, seed=0)
+    module = ClassificationModule(
+        tt["model"],
+        num_classes=dm.num_classes,
+        in_chans=dm.in_chans,
+        model_kwargs=tt.get("model_args"),
+        optimizer=tt.get("optimizer"),
+        scheduler=tt.get("scheduler"),
+    )
+    trainer = make_trainer(
+        cfg, out, "teacher" if not seed else f"teacher{seed}", tt["epochs"], checkpoints=False
+    )
+    trainer.fit(module, datamodule=tdm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(str(path))
+    return module.model, module
+
+
+def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
+    """(Teacher, its test accuracy): loaded from --teacher (comma-separated: an ensemble), from the
+    cache, or trained now (`teacher_train.count` members: an ensemble)."""
+    from toolkit.distill import Teacher
+    from toolkit.modules import ClassificationModule
+
     num_classes, in_chans = dm.num_classes, dm.in_chans
+    combine = cfg.get("teacher_args", {}).get("combine", "logits")
     if cfg.get("teacher"):
-        spec = cfg["teacher"]
-        extra = (
-            {}
-            if spec.endswith((".ckpt", ".pt", ".pth"))
-            else {"in_chans": in_chans, **cfg.get("teacher_args", {})}
-        )
-        teacher = Teacher.from_name(spec, num_classes=num_classes, **extra)
-        module = ClassificationModule(teacher.nets[0], num_classes=num_classes)
+        specs = [s.strip() for s in str(cfg["teacher"]).split(",") if s.strip()]
+        nets = []
+        for spec in specs:
+            extra = (
+                {}
+                if spec.endswith((".ckpt", ".pt", ".pth"))
+                else {"in_chans": in_chans, **cfg.get("teacher_args", {})}
+            )
+            extra.pop("combine", None)
+            nets.append(Teacher.from_name(spec, num_classes=num_classes, **extra).nets[0])
+        teacher = Teacher(nets, combine=combine)
+        module = ClassificationModule(nets[0] if len(nets) == 1 else teacher, num_classes=num_classes)
     else:
-        tt = cfg["teacher_train"]
-        data_args = {k: v for k, v in cfg["data_args"].items() if k not in ("train_subset", "batch_size")}
-        key = fingerprint({"data": cfg["data"], "data_args": data_args, "teacher_train": tt})
-        path = cache_dir() / "teachers" / f"{cfg['data']}-{tt['model'].replace(':', '_')}-{key}.ckpt"
-        if path.exists():
-            print(f"reusing the teacher trained before: {path}", flush=True)
-            teacher = Teacher.from_checkpoint(path)
-            module = ClassificationModule(teacher.nets[0], num_classes=num_classes)
-        else:
-            print(
-                f"training a teacher ({tt['model']}, {tt['epochs']} epochs); it will be cached at {path}",
-                flush=True,
-            )
-            L.seed_everything(0, workers=True, verbose=False)
-            tdm = build_data(cfg["data"], {**cfg["data_args"], "train_subset": tt["train_subset"]}, seed=0)
-            module = ClassificationModule(
-                tt["model"],
-                num_classes=num_classes,
-                in_chans=in_chans,
-                model_kwargs=tt.get("model_args"),
-                optimizer=tt.get("optimizer"),
-                scheduler=tt.get("scheduler"),
-            )
-            trainer = make_trainer(cfg, out, "teacher", tt["epochs"], checkpoints=False)
-            trainer.fit(module, datamodule=tdm)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(str(path))
-            teacher = Teacher(module.model)
+        count = int(cfg["teacher_train"].get("count", 1))
+        if count < 1:
+            raise ValueError(f"teacher_train.count must be >= 1, got {count}")
+        members = [_member_net(cfg, dm, out, seed) for seed in range(count)]
+        teacher = Teacher([net for net, _ in members], combine=combine)
+        module = members[0][1] if count == 1 else ClassificationModule(teacher, num_classes=num_classes)
     trainer = make_trainer(cfg, out, "teacher_eval", 1, checkpoints=False, logger=False)
     return teacher, test_accuracy(trainer, module, dm)
 
@@ -156,6 +203,8 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
     for c in cfgs:  # unknown names and bad term specs fail before any training
         registry.get("distiller", c["method"])
         method_terms(c)
+        if c.get("stages"):
+            stages.expand_stages(c)
     out = Path(cfg["out"])
     started = time.perf_counter()
     seeds = cfg["seeds"]
@@ -163,15 +212,22 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
     dm0.setup("fit")
     teacher, teacher_acc = get_teacher(cfg, dm0, out)
     runs: dict[str, dict[str, list[float]]] = {}
+    stage_records: dict[str, list] = {}  # method -> per seed, the records of its stages
 
     def train_once(name: str, c: dict[str, Any], seed: int, make_module) -> None:
         L.seed_everything(seed, workers=True, verbose=False)
         dm = build_data(c["data"], c["data_args"], seed=seed)
         module = make_module(c, dm)
         trainer = make_trainer(c, out, f"{name}_seed{seed}", c["epochs"])
+        trainer.callbacks.extend(
+            registry.build("callback", cb, **(kw or {})) for cb, kw in (c.get("callbacks") or {}).items()
+        )
         with Timer() as t:
             trainer.fit(module, datamodule=dm)
         run = runs.setdefault(name, {"acc": [], "seconds": []})
+        for metric in PROBE_METRICS:
+            if metric in trainer.callback_metrics:
+                run.setdefault(metric, []).append(float(trainer.callback_metrics[metric]))
         run["acc"].append(test_accuracy(trainer, module, dm))
         run["seconds"].append(t.seconds)
 
@@ -192,12 +248,21 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
             lambda c, dm: ClassificationModule(c["student"], loss="cross_entropy", **common(c, dm)),
         )
         for c in cfgs:
+            if c.get("stages"):  # a multi-stage method: resumable stages (recipes/stages.py)
+                stage_records.setdefault(c["method"], []).append(
+                    stages.run_method(c, seed, out, teacher, runs)
+                )
+                continue
             train_once(
                 c["method"],
                 c,
                 seed,
                 lambda c, dm: DistillationModule(
-                    c["student"], teacher, terms=method_terms(c), **common(c, dm)
+                    c["student"],
+                    teacher,
+                    terms=method_terms(c),
+                    teacher_cache=c.get("teacher_cache", False),
+                    **common(c, dm),
                 ),
             )
 
@@ -221,6 +286,7 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
                 "acc_std": mean_std(r["acc"])[1],
                 "acc_per_seed": r["acc"],
                 "train_seconds": r["seconds"],
+                **{m.split("/")[1]: mean_std(r[m])[0] for m in PROBE_METRICS if m in r},
             }
             for name, r in runs.items()
         },
@@ -229,10 +295,15 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         "command": " ".join(["python -m recipes.distill", *sys.argv[1:]]),
         "config": cfg,
     }
+    if stage_records:
+        results["stages"] = stage_records
     rows = [("teacher", f"{100 * teacher_acc:.2f}", "-")]
     for name, r in runs.items():
         label = "student alone" if name == "student" else f"student + {name}"
         rows.append((label, fmt(r["acc"]), f"{sum(r['seconds']) / len(seeds):.1f}"))
+        rows += [(f"{label}: {m.split('/')[1]} (val)", fmt(r[m]), "-") for m in PROBE_METRICS if m in r]
+        if name in stage_records:
+            rows += stages.table_rows(next(c for c in cfgs if c["method"] == name), stage_records[name])
     write_results(out, results, rows)
     if compare:
         plot_comparison(

@@ -248,3 +248,10 @@ def test_config_layering_rules():
     fast = resolve("--fast", "--epochs", "3", "--seeds", "4,5", "--data", "digits", "--data.batch_size", "16")
     assert fast["epochs"] == 3 and fast["seeds"] == [4, 5]
     assert fast["data_args"] == {"train_subset": 256, "val_split": 128, "test_subset": 256, "batch_size": 16}
+    # --config alone: its method's terms only, never merged with the default method's terms
+    cifar = resolve("--config", "recipes/configs/distill/dkd_cifar100.yaml")
+    assert cifar["method"] == "dkd" and set(cifar["terms"]) == {"ce", "dkd"}
+    assert set(resolve("--method", "dkd")["terms"]) == {"ce", "dkd"}
+    assert set(resolve()["terms"]) == {"ce", "kd"}
+    # a config that changes the data set starts from its own data arguments only
+    assert "train_subset" not in cifar["data_args"] and cifar["data_args"]["batch_size"] == 64

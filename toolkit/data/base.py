@@ -19,6 +19,22 @@ from torch.utils.data import DataLoader, Dataset
 from toolkit.data.samplers import IndexSampler
 from toolkit.types import check_targets
 
+CLASS_SPLITS = ("all", "known", "novel")
+
+
+class _Relabelled(Dataset):
+    """Items of `dataset` with their target mapped through `class_map` (index kept)."""
+
+    def __init__(self, dataset: Dataset, class_map: Tensor) -> None:
+        self.dataset, self.class_map = dataset, class_map
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        item = self.dataset[key]
+        return item._replace(target=self.class_map[item.target])
+
 
 @dataclass
 class Splits:
@@ -63,6 +79,16 @@ class ClassificationDataModule(L.LightningDataModule):
             epoch.
         num_workers: DataLoader workers.
         seed: seeds the split, the subset and the shuffling order.
+        known_classes: for novel-class discovery and other class-split tasks: the known classes,
+            an int K (classes 0..K-1) or a list of class ids; the others are "novel".
+        class_split: with `known_classes`, which samples to keep (train, validation and test)
+            and how they are labelled: "known" (known classes only, relabelled 0..K-1 in the
+            order given; `num_classes` becomes K), "novel" (novel classes only, relabelled
+            0..N-1 in class order; `num_classes` becomes N) or "all" (every sample, relabelled so
+            the known classes come first, 0..K-1, then the novel ones; an int K changes no
+            label). The split and `train_subset` are drawn before the classes are filtered, so
+            the known-class samples are the same whatever the `class_split`. After `setup`,
+            `num_known` is K and `class_map[original] -> new label` (-1 where dropped).
     """
 
     name = "classification"
@@ -83,10 +109,22 @@ class ClassificationDataModule(L.LightningDataModule):
         augment_views: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        known_classes: int | list[int] | None = None,
+        class_split: str = "all",
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if class_split not in CLASS_SPLITS:
+            raise ValueError(f"class_split must be one of {CLASS_SPLITS}, got {class_split!r}")
+        if class_split != "all" and known_classes is None:
+            raise ValueError(
+                f"class_split={class_split!r} needs known_classes (an int K or a list of class ids)"
+            )
+        self.known_classes = known_classes
+        self.class_split = class_split
+        self.num_known: int | None = None
+        self.class_map: Tensor | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.train_subset = train_subset
@@ -123,13 +161,50 @@ class ClassificationDataModule(L.LightningDataModule):
         val_idx, train_pool = perm[:n_val], perm[n_val:]
         n_train = _split_sizes(len(train_pool), self.train_subset, "train_subset")
         train_idx = train_pool if n_train is None else train_pool[:n_train]
-        self.train_indices = train_idx.sort().values
-        self.train_set = splits.make(self.train_indices, True, False)
         test_idx = None
         if self.test_subset is not None:
-            test_idx = torch.randperm(len(splits.test_targets), generator=g)[: self.test_subset].sort().values
-        self.test_set = splits.make(test_idx, False, True)
-        self.val_set = splits.make(val_idx.sort().values, False, False) if n_val else self.test_set
+            test_idx = torch.randperm(len(splits.test_targets), generator=g)[: self.test_subset]
+        make = splits.make
+        if self.known_classes is not None:  # filter after drawing: the same samples in every split
+            class_map = self._class_map()
+            pool_keep = class_map[splits.pool_targets.long()] >= 0
+            test_keep = class_map[splits.test_targets.long()] >= 0
+            train_idx, val_idx = train_idx[pool_keep[train_idx]], val_idx[pool_keep[val_idx]]
+            if test_idx is None:
+                test_idx = torch.arange(len(splits.test_targets))
+            test_idx = test_idx[test_keep[test_idx]]
+            if not len(train_idx):
+                raise ValueError(f"no training sample left in class_split={self.class_split!r}")
+
+            def make(indices, train, test):
+                return _Relabelled(splits.make(indices, train, test), class_map)
+
+        self.train_indices = train_idx.sort().values
+        self.train_set = make(self.train_indices, True, False)
+        self.test_set = make(None if test_idx is None else test_idx.sort().values, False, True)
+        self.val_set = make(val_idx.sort().values, False, False) if n_val else self.test_set
+
+    def _class_map(self) -> Tensor:
+        """original label -> label in this `class_split` (-1: dropped); sets num_classes, num_known."""
+        total = self.num_classes
+        known = (
+            list(range(self.known_classes))
+            if isinstance(self.known_classes, int)
+            else list(self.known_classes)
+        )
+        if not known or len(set(known)) != len(known) or not all(0 <= int(k) < total for k in known):
+            raise ValueError(
+                f"known_classes must be 1..{total - 1} classes, or distinct class ids in [0, {total}), got "
+                f"{self.known_classes!r}"
+            )
+        novel = [c for c in range(total) if c not in set(known)]
+        if not novel:
+            raise ValueError(f"known_classes={self.known_classes!r} leaves no novel class out of {total}")
+        kept = {"known": known, "novel": novel, "all": known + novel}[self.class_split]
+        class_map = torch.full((total,), -1, dtype=torch.long)
+        class_map[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+        self.class_map, self.num_known, self.num_classes = class_map, len(known), len(kept)
+        return class_map
 
     collate_fn: Any = None
 
