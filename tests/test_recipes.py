@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from recipes import distill, train
+from toolkit import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,3 +256,24 @@ def test_config_layering_rules():
     assert set(resolve()["terms"]) == {"ce", "kd"}
     # a config that changes the data set starts from its own data arguments only
     assert "train_subset" not in cifar["data_args"] and cifar["data_args"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize("method", sorted(registry.names("distiller")))
+def test_every_distiller_runs_on_digits_fast(method, tmp_path):
+    """`python -m recipes.distill --method NAME --data digits --fast` for every registered name."""
+    res = distill.main(
+        [
+            "--method",
+            method,
+            "--data",
+            "digits",
+            "--fast",
+            "--out",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    assert res["method"] == method and res["data"] == "digits"
+    assert 0 <= res["student_acc"] <= 1 and 0 <= res["baseline_acc"] <= 1
+    assert (tmp_path / "results.json").exists()
