@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from helpers import StopAfter
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from toolkit import Progress, Step, build
@@ -608,15 +609,6 @@ def test_short_lightning_run_trains_the_head_and_checkpoints_it(terms, make_trai
     for k, v in m.state_dict().items():
         other = loaded.state_dict()[k]
         assert torch.equal(v, other) if torch.is_tensor(v) else v == other, k
-
-
-class StopAfter(Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def final_weights(terms, tmp_path, stop_after=None):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import StopAfter
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from toolkit import Progress, Step, build
@@ -352,15 +353,6 @@ def test_bf16_mixed_run_is_finite(make_trainer):
     trainer.fit(m, datamodule=DigitsDataModule(batch_size=64))
     assert torch.isfinite(trainer.callback_metrics["train/loss/nd"])
     assert all(torch.isfinite(p).all() for p in m.parameters())
-
-
-class StopAfter(Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def final_weights(tmp_path, teacher, stop_after=None):

@@ -5,6 +5,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import StopAfter
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
@@ -231,17 +232,6 @@ def test_bdkd_needs_a_peer_spec_for_a_module_student():
     )
     module.prepare(torch.randn(2, 1, 8, 8))
     assert module.loss_terms["bdkd"].peer is peer
-
-
-class StopAfter(Callback):
-    """Interrupt a run after `epochs` epochs, as a killed job would (max_epochs unchanged)."""
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def _final_state(tmp_path, term, stop_after=None, max_epochs=3):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from helpers import StopAfter
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import toolkit.distill.tgeo_kd  # noqa: F401 - registers tgeo_kd
@@ -275,15 +276,6 @@ def test_validation_on_the_test_split_is_refused(make_trainer):
     make_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(
         tgeo_module(meta_source="train"), datamodule=dm
     )
-
-
-class StopAfter(Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def _final_state(tmp_path, stop_after=None):

@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from helpers import StopAfter
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
@@ -168,17 +169,6 @@ def test_teacher_stays_eval_and_unchanged_across_validation_loops(make_trainer):
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert not opt_params & {id(p) for p in net.parameters()}
     assert {id(p) for p in module.loss_terms["hint"].parameters()} <= opt_params
-
-
-class StopAfter(Callback):
-    """Interrupt a run after `epochs` epochs, as a killed job would (max_epochs unchanged)."""
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def _final_weights(tmp_path, stop_after=None, max_epochs=3):

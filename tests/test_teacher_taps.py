@@ -123,5 +123,5 @@ def test_projector_set_rebuilds_from_state_dict_strictly():
     assert torch.equal(a["hint"](x), b["hint"](x))
     c = ProjectorSet()
     c.ensure("hint", torch.randn(2, 8, 8, 8), torch.randn(2, 64, 4, 4))
-    with pytest.raises(ValueError, match="architecture differs"):
+    with pytest.raises(ValueError, match="checkpoint projector .* has spec"):
         c.load_state_dict(state)

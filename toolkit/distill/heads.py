@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from toolkit.distill.projectors import SpecModuleSet
+
 KINDS = ("linear", "mlp", "bn_linear")
 
 
@@ -85,35 +87,14 @@ class Head(nn.Module):
         return self.net(pool_feature(x))
 
 
-class HeadSet(nn.Module):
+class HeadSet(SpecModuleSet):
     """Named heads, created on first use from feature sizes and rebuilt from checkpoints."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.items = nn.ModuleDict()
+    item_type = Head
+    what = "head"
 
     def ensure(self, name: str, feature: Tensor, out_dim: int, kind: str = "linear", **kwargs: Any) -> Head:
         """The head `name`, built for this (example) feature if it does not exist yet."""
-        if name not in self.items:
-            head = Head(pool_feature(feature).shape[-1], out_dim, kind, **kwargs)
-            self.items[name] = head.to(device=feature.device)
-        return self.items[name]
-
-    def __getitem__(self, name: str) -> Head:
-        return self.items[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.items
-
-    def get_extra_state(self) -> Any:
-        return {name: h.spec for name, h in self.items.items()}
-
-    def set_extra_state(self, state: Any) -> None:
-        for name, spec in state.items():
-            if name not in self.items:
-                self.items[name] = Head(**spec)
-            elif self.items[name].spec != spec:
-                raise ValueError(
-                    f"checkpoint head {name!r} has spec {spec} but this run built {self.items[name].spec}: "
-                    "the student, the teacher or the term's head settings differ from the checkpoint's"
-                )
+        return self._ensure(
+            name, lambda: Head(pool_feature(feature).shape[-1], out_dim, kind, **kwargs), feature.device
+        )

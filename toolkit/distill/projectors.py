@@ -54,35 +54,56 @@ class Projector(nn.Module):
         return y
 
 
-class ProjectorSet(nn.Module):
-    """Named projectors, created on first use from feature shapes and rebuilt from checkpoints."""
+class SpecModuleSet(nn.Module):
+    """Named trainable modules built on first use from a dry run, rebuilt from checkpoints.
+
+    Each item has a `spec` (the keyword arguments of `item_type`), recorded in the module's extra
+    state: loading a checkpoint (Lightning resume, `load_from_checkpoint`, a plain
+    `load_state_dict`) rebuilds missing items before their weights are loaded strictly, with no
+    dry run; an item whose spec differs from the checkpoint's is an error. Subclasses set
+    `item_type` and `what` and add an `ensure` that builds an item from example tensors.
+    """
+
+    item_type: type[nn.Module]
+    what = "module"
 
     def __init__(self) -> None:
         super().__init__()
         self.items = nn.ModuleDict()
 
-    def ensure(self, name: str, student_feature: Tensor, teacher_feature: Tensor) -> Projector:
-        """The projector `name`, built from these shapes if it does not exist yet."""
+    def _ensure(self, name: str, build: Any, device: Any) -> nn.Module:
         if name not in self.items:
-            proj = Projector.between(student_feature, teacher_feature)
-            self.items[name] = proj.to(device=student_feature.device)
+            self.items[name] = build().to(device=device)
         return self.items[name]
 
-    def __getitem__(self, name: str) -> Projector:
+    def __getitem__(self, name: str) -> nn.Module:
         return self.items[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.items
 
     def get_extra_state(self) -> Any:
-        return {name: p.spec for name, p in self.items.items()}
+        return {name: m.spec for name, m in self.items.items()}
 
     def set_extra_state(self, state: Any) -> None:
         for name, spec in state.items():
             if name not in self.items:
-                self.items[name] = Projector(**spec)
+                self.items[name] = self.item_type(**spec)
             elif self.items[name].spec != spec:
                 raise ValueError(
-                    f"checkpoint projector {name!r} has spec {spec} but this run built {self.items[name].spec}: "
-                    "the student or teacher architecture differs from the checkpoint's"
+                    f"checkpoint {self.what} {name!r} has spec {spec} but this run built {self.items[name].spec}: "
+                    "the student, the teacher or the term's settings differ from the checkpoint's"
                 )
+
+
+class ProjectorSet(SpecModuleSet):
+    """Named projectors, created on first use from feature shapes and rebuilt from checkpoints."""
+
+    item_type = Projector
+    what = "projector"
+
+    def ensure(self, name: str, student_feature: Tensor, teacher_feature: Tensor) -> Projector:
+        """The projector `name`, built from these shapes if it does not exist yet."""
+        return self._ensure(
+            name, lambda: Projector.between(student_feature, teacher_feature), student_feature.device
+        )
