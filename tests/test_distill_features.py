@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import config_module
 
 import toolkit.distill.attention  # noqa: F401 - registers "attention_transfer"
 import toolkit.distill.fitnet  # noqa: F401 - registers "fitnet"
@@ -412,36 +413,11 @@ def test_setup_errors_are_clear(make_trainer):
 
 
 # -- configs -----------------------------------------------------------------------------------------
-def config_module(name, input_shape, data_cls_name):
-    from recipes import distill
-    from recipes.common import common_parser, parse, resolve_config
-
-    args, overrides = parse(common_parser("x", "y", "method"), ["--config", str(CONFIGS / f"{name}.yaml")])
-    cfg = resolve_config(distill.DEFAULTS, "distill", args, overrides)
-    data_cls = registry.get("data", cfg["data"])
-    assert cfg["data"] == data_cls_name
-    tt = cfg["teacher_train"]
-    teacher = create_model(
-        tt["model"],
-        num_classes=data_cls.num_classes,
-        in_chans=data_cls.in_chans,
-        **(tt.get("model_args") or {}),
-    )
-    m = DistillationModule(
-        cfg["student"],
-        teacher,
-        num_classes=data_cls.num_classes,
-        in_chans=data_cls.in_chans,
-        model_kwargs=cfg.get("student_args"),
-        terms=distill.method_terms(cfg),
-    )
-    m.prepare(torch.randn(*input_shape))  # the dry run resolves every module path and checks shapes
-    return cfg, m
 
 
 @pytest.mark.parametrize("name", ["fitnet", "attention_transfer"])
 def test_demo_configs_build_on_fashion_mnist_shapes(name):
-    cfg, m = config_module(name, (2, 1, 28, 28), "fashion_mnist")
+    cfg, m = config_module_on(name, (2, 1, 28, 28), "fashion_mnist")
     assert cfg["method"] == name and name in m.loss_terms
     if name == "fitnet":
         conv = m.loss_terms["fitnet"].projectors["hint"].proj[0]
@@ -450,7 +426,7 @@ def test_demo_configs_build_on_fashion_mnist_shapes(name):
 
 @pytest.mark.parametrize("name", ["fitnet_cifar100", "attention_transfer_cifar100"])
 def test_cifar100_configs_match_the_benchmark_setting(name):
-    cfg, m = config_module(name, (2, 3, 32, 32), "cifar100")
+    cfg, m = config_module_on(name, (2, 3, 32, 32), "cifar100")
     assert cfg["student"] == "resnet8x4" and cfg["teacher_train"]["model"] == "resnet32x4"
     assert cfg["terms"]["ce"]["weight"] == 1.0
     if name == "fitnet_cifar100":
@@ -461,3 +437,9 @@ def test_cifar100_configs_match_the_benchmark_setting(name):
         term = m.loss_terms["attention_transfer"]
         assert cfg["terms"]["attention_transfer"]["weight"] == 1000.0 and term.mode == "code"
         assert term.student_layers == term.teacher_layers == ["layer1", "layer2", "layer3"]
+
+
+def config_module_on(name, input_shape, data_name):
+    cfg, m = config_module(name, input_shape)
+    assert cfg["data"] == data_name
+    return cfg, m

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import StopAfter
+from helpers import StopAfter, config_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -650,33 +650,6 @@ def test_resume_continues_exactly(terms, tmp_path):
 
 
 # == configs ======================================================================================
-def config_module(name, input_shape):
-    from recipes import distill
-    from recipes.common import common_parser, parse, resolve_config
-    from toolkit import registry
-
-    # --method as well: with --config alone the default method's (kd.yaml) terms are merged in too
-    argv = ["--method", name.split("_")[0], "--config", str(CONFIGS / f"{name}.yaml")]
-    args, overrides = parse(common_parser("x", "y", "method"), argv)
-    cfg = resolve_config(distill.DEFAULTS, "distill", args, overrides)
-    data_cls = registry.get("data", cfg["data"])
-    tt = cfg["teacher_train"]
-    teacher = create_model(
-        tt["model"],
-        num_classes=data_cls.num_classes,
-        in_chans=data_cls.in_chans,
-        **(tt.get("model_args") or {}),
-    )
-    m = DistillationModule(
-        cfg["student"],
-        teacher,
-        num_classes=data_cls.num_classes,
-        in_chans=data_cls.in_chans,
-        model_kwargs=cfg.get("student_args"),
-        terms=distill.method_terms(cfg),
-    )
-    m.prepare(torch.randn(*input_shape))  # the dry run resolves every path and sizes the heads
-    return cfg, m
 
 
 @pytest.mark.parametrize(
