@@ -208,13 +208,18 @@ def is_global_zero() -> bool:
     )
 
 
-def write_results(out: Path, results: dict[str, Any], table_rows: list[tuple[str, str, str]]) -> None:
+def write_results(
+    out: Path,
+    results: dict[str, Any],
+    table_rows: list[tuple[str, str, str]],
+    metric_label: str = "test accuracy (%)",
+) -> None:
     """results.json + results.md, and the table on stdout (rank 0 only)."""
     if not is_global_zero():
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    header = ("run", "test accuracy (%)", "wall (s)")
+    header = ("run", metric_label, "wall (s)")
     widths = [max(len(r[i]) for r in (header, *table_rows)) for i in range(3)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -260,9 +265,16 @@ def test_accuracy(trainer, module, datamodule) -> float:
 
 
 def plot_comparison(
-    path: Path, teacher_acc: float, runs: Mapping[str, Mapping[str, list[float]]], title: str
+    path: Path,
+    teacher_acc: float | None,
+    runs: Mapping[str, Mapping[str, list[float]]],
+    title: str,
+    key: str = "acc",
+    ylabel: str = "test accuracy (%)",
+    scale: float = 100.0,
 ) -> None:
-    """A bar chart of test accuracy (mean ± std over seeds) per run, teacher as a line (rank 0)."""
+    """A bar chart of `runs[name][key]` (mean ± std over seeds, times `scale`) per run, the
+    teacher (when given) as a line (rank 0)."""
     if not is_global_zero():
         return
     import matplotlib
@@ -271,17 +283,24 @@ def plot_comparison(
     import matplotlib.pyplot as plt
 
     names = list(runs)
-    stats = [mean_std(runs[n]["acc"]) for n in names]
+    stats = [mean_std(runs[n][key]) for n in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.5))
-    ax.bar(names, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], capsize=4, color="#4c72b0")
-    ax.axhline(100 * teacher_acc, color="#c44e52", linestyle="--", label=f"teacher {100 * teacher_acc:.2f}")
-    lo = min(100 * (m - s) for m, s in stats)
-    ax.set_ylim(
-        max(0.0, lo - 2.0), min(100.0, max(100 * teacher_acc, *(100 * (m + s) for m, s in stats)) + 1.0)
+    ax.bar(
+        names, [scale * m for m, _ in stats], yerr=[scale * s for _, s in stats], capsize=4, color="#4c72b0"
     )
-    ax.set_ylabel("test accuracy (%)")
+    tops = [scale * (m + s) for m, s in stats]
+    if teacher_acc is not None:
+        ax.axhline(
+            scale * teacher_acc, color="#c44e52", linestyle="--", label=f"teacher {scale * teacher_acc:.2f}"
+        )
+        tops.append(scale * teacher_acc)
+        ax.legend(loc="best")
+    lo, hi = min(scale * (m - s) for m, s in stats), max(tops)
+    pad = 0.05 * max(hi - lo, 1e-6)
+    bottom = lo - pad if lo - pad < 0 or scale != 100.0 else max(0.0, lo - 2.0)
+    ax.set_ylim(bottom, hi + pad if scale != 100.0 else min(100.0, hi + 1.0))
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

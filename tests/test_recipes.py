@@ -123,6 +123,31 @@ def test_train_recipe_fast(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["acc"] == res["acc"]
 
 
+def test_train_compare_and_tasks(tmp_path):
+    out = tmp_path / "cmp"
+    argv = [
+        "--data",
+        "digits",
+        "--fast",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    res = train.main(["--compare", "cross_entropy", *argv])
+    run = res["runs"]["cross_entropy"]
+    assert run["metric"] == "acc" and len(run["acc_per_seed"]) == 2 and run["acc"] == res["acc"]
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "results.md").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: cross_entropy\ntask: classificaton\n")
+    with pytest.raises(KeyError, match="Did you mean 'classification'"):
+        train.main(["--config", str(bad), *argv])
+    r = run_module("recipes.train", "--compare", "cross_entropy,cross_entropy", "--fast")
+    assert r.returncode != 0 and "lists a loss twice" in r.stderr
+
+
 def test_recipe_errors():
     r = run_module("recipes.distill", "--method", "kdd", "--data", "digits", "--fast")
     assert r.returncode != 0 and "Did you mean 'kd'" in r.stderr
