@@ -3,43 +3,107 @@
 Slow: the demonstration's setting for 3 seeds per method (about 3-5 minutes each on 2 cores).
 CI runs the representative ones marked below; `pytest -m slow` runs them all. The measured
 tables are in docs/methods.md.
+
+Three methods are judged by their own papers' claims, since "not worse than kd" does not apply:
+`random_teacher` learns without labels (its classifier is never trained): its student's k-NN
+accuracy must beat that of a randomly initialised network of the same architecture; `lelp` is for
+few-class tasks: it runs on a two-class subset, against kd on the same subset; `crkd` discovers
+novel classes: its discovery stage must not be worse than the same stage without the known-class
+teacher (the UNO baseline of the paper).
 """
 
 import pytest
+import torch
 
 import toolkit  # noqa: F401 - fills the registry
 from recipes import distill
 from toolkit import registry
 
 CI_METHODS = {"dkd"}
+OWN_CRITERIA = {"random_teacher", "lelp", "crkd"}
 SEEDS = "0,1,2"
+QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
 def _params():
     for name in registry.names("distiller"):
-        if name == "kd":
+        if name == "kd" or name in OWN_CRITERIA:
             continue
         marks = [pytest.mark.slow] + ([pytest.mark.ci] if name in CI_METHODS else [])
         yield pytest.param(name, marks=marks, id=name)
 
 
+def assert_not_worse(name, mine, reference, ref_name="kd"):
+    spread = max(mine[1], reference[1])
+    assert mine[0] >= reference[0] - spread, (
+        f"{name} {100 * mine[0]:.2f} ± {100 * mine[1]:.2f} vs {ref_name} "
+        f"{100 * reference[0]:.2f} ± {100 * reference[1]:.2f}"
+    )
+
+
+def compare(tmp_path, *argv):
+    return distill.main(["--seeds", SEEDS, "--out", str(tmp_path), *QUIET, *argv])
+
+
 @pytest.mark.parametrize("method", list(_params()))
 def test_method_not_worse_than_kd_beyond_seed_spread(method, tmp_path):
-    res = distill.main(
-        [
-            "--compare",
-            f"kd,{method}",
-            "--seeds",
-            SEEDS,
-            "--out",
-            str(tmp_path),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    res = compare(tmp_path, "--compare", f"kd,{method}")
     kd, other = res["runs"]["kd"], res["runs"][method]
-    spread = max(kd["acc_std"], other["acc_std"])
-    assert other["acc"] >= kd["acc"] - spread, (
-        f"{method} {100 * other['acc']:.2f} ± {100 * other['acc_std']:.2f} vs kd "
-        f"{100 * kd['acc']:.2f} ± {100 * kd['acc_std']:.2f}"
+    assert_not_worse(method, (other["acc"], other["acc_std"]), (kd["acc"], kd["acc_std"]))
+
+
+@pytest.mark.slow
+def test_lelp_on_a_two_class_task_not_worse_than_kd(tmp_path):
+    res = compare(
+        tmp_path, "--compare", "kd,lelp", "--data.known_classes", "[0, 6]", "--data.class_split", "known"
     )
+    kd, lelp = res["runs"]["kd"], res["runs"]["lelp"]
+    assert_not_worse("lelp", (lelp["acc"], lelp["acc_std"]), (kd["acc"], kd["acc_std"]))
+
+
+@pytest.mark.slow
+def test_crkd_discovery_not_worse_than_without_the_teacher(tmp_path):
+    from recipes.common import mean_std
+
+    res = compare(tmp_path, "--method", "crkd")
+    by_stage = {}
+    for seed_records in res["stages"]["crkd"]:
+        for record in seed_records:
+            by_stage.setdefault(record["name"], []).append(record["results"].get("novel_acc"))
+    with_kd, without = mean_std(by_stage["discover"]), mean_std(by_stage["discover_no_kd"])
+    assert_not_worse("crkd", with_kd, without, "discovery without Cr-KD")
+
+
+@pytest.mark.slow
+def test_random_teacher_student_beats_a_random_network_in_knn_accuracy(tmp_path):
+    from recipes.common import build_data, mean_std
+    from toolkit.callbacks import knn_predict
+    from toolkit.models import create_model
+    from toolkit.models.output import forward_output
+
+    res = compare(tmp_path, "--method", "random_teacher")
+    cfg, student = res["config"], res["runs"]["random_teacher"]
+    k = cfg["callbacks"]["knn_probe"]["k"]
+
+    def embed(model, loader):
+        xs, ys = [], []
+        with torch.no_grad():
+            for b in loader:
+                xs.append(forward_output(model, b.input).embedding)
+                ys.append(b.target)
+        return torch.cat(xs), torch.cat(ys)
+
+    random_accs = []
+    for seed in res["seeds"]:
+        dm = build_data(cfg["data"], cfg["data_args"], seed=seed)
+        dm.setup("fit")
+        torch.manual_seed(seed)
+        net = create_model(
+            cfg["student"], num_classes=dm.num_classes, in_chans=dm.in_chans, **cfg["student_args"]
+        )
+        net.eval()
+        (tx, ty), (vx, vy) = embed(net, dm.train_dataloader()), embed(net, dm.val_dataloader())
+        pred = knn_predict(tx, ty, vx, k=k, num_classes=dm.num_classes)
+        random_accs.append(float((pred == vy).float().mean()))
+    random_mean, random_std = mean_std(random_accs)
+    assert student["knn_acc"] > random_mean + random_std, (student["knn_acc"], random_accs)
