@@ -224,8 +224,17 @@ def test_every_config_resolves_and_builds(path):
         teacher = ClassificationModule(tt["model"], **{**kw, "model_kwargs": tt.get("model_args")}).model
         built = DistillationModule(cfg["student"], teacher, terms=distill.method_terms(cfg), **kw)
         assert cfg["method"] in registry.names("distiller")
-    else:
+    elif cfg.get("task", "classification") == "classification":
         built = ClassificationModule(cfg["student"], loss=train.loss_terms(cfg), **kw)
+        assert cfg["method"] in registry.names("loss")
+    else:  # another task builds its own module: recipes/tasks/<task>.py defines build_module(cfg, data)
+        import importlib
+
+        task_module = importlib.import_module(f"recipes.tasks.{cfg['task']}")
+        assert hasattr(task_module, "build_module"), (
+            f"recipes/tasks/{cfg['task']}.py needs build_module(cfg, data)"
+        )
+        built = task_module.build_module(cfg, data_cls)
         assert cfg["method"] in registry.names("loss")
     assert len(built.loss_terms) >= 1
 

@@ -52,4 +52,10 @@ def get_task(name: str) -> TaskFn:
     return TASKS[name]
 
 
-from recipes.tasks import classification  # noqa: E402,F401 - registers "classification"
+# the tasks register themselves on import
+from recipes.tasks import (  # noqa: E402,F401
+    causal_lm,
+    classification,
+    metric_learning,
+    regression,
+)

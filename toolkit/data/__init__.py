@@ -9,7 +9,9 @@ from toolkit.data.images import (
     FashionMNISTDataModule,
     ImageFolderDataModule,
 )
-from toolkit.data.samplers import IndexSampler
+from toolkit.data.lm import CausalLMDataModule, FortunesLMDataModule
+from toolkit.data.samplers import ClassBalancedSampler, IndexSampler
+from toolkit.data.tabular import DiabetesDataModule, RegressionDataModule, TensorRegressionDataset
 from toolkit.data.text import (
     FortunesDataModule,
     HFDiskDataModule,
@@ -20,16 +22,22 @@ from toolkit.data.text import (
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "CausalLMDataModule",
+    "ClassBalancedSampler",
     "ClassificationDataModule",
+    "DiabetesDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "FortunesDataModule",
+    "FortunesLMDataModule",
     "HFDiskDataModule",
     "ImageFolderDataModule",
     "IndexSampler",
     "IndexedDataset",
+    "RegressionDataModule",
     "Splits",
     "TensorImageDataset",
+    "TensorRegressionDataset",
     "TextClassificationDataModule",
     "TextFileDataModule",
 ]

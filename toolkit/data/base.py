@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from toolkit.data.samplers import IndexSampler
+from toolkit.data.samplers import ClassBalancedSampler, IndexSampler
 from toolkit.types import check_targets
 
 CLASS_SPLITS = ("all", "known", "novel")
@@ -89,6 +89,9 @@ class ClassificationDataModule(L.LightningDataModule):
             label). The split and `train_subset` are drawn before the classes are filtered, so
             the known-class samples are the same whatever the `class_split`. After `setup`,
             `num_known` is K and `class_map[original] -> new label` (-1 where dropped).
+        samples_per_class: class-balanced training batches for metric learning: each batch holds
+            batch_size // samples_per_class classes with samples_per_class samples each
+            (`ClassBalancedSampler`, rank-aware, seeded by seed and epoch). None: shuffled batches.
     """
 
     name = "classification"
@@ -111,8 +114,17 @@ class ClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
         known_classes: int | list[int] | None = None,
         class_split: str = "all",
+        samples_per_class: int | None = None,
     ) -> None:
         super().__init__()
+        if samples_per_class is not None and (
+            isinstance(samples_per_class, bool) or samples_per_class < 2 or batch_size < 2 * samples_per_class
+        ):
+            raise ValueError(
+                f"samples_per_class must be an integer >= 2 with batch_size >= 2 × samples_per_class "
+                f"(at least two classes per batch), got samples_per_class={samples_per_class!r}, batch_size={batch_size}"
+            )
+        self.samples_per_class = samples_per_class
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if class_split not in CLASS_SPLITS:
@@ -140,6 +152,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_indices: Tensor | None = None
+        self.train_targets: Tensor | None = None
 
     # -- to implement ---------------------------------------------------------------------
     def load(self) -> Splits:  # pragma: no cover - abstract
@@ -180,6 +193,9 @@ class ClassificationDataModule(L.LightningDataModule):
                 return _Relabelled(splits.make(indices, train, test), class_map)
 
         self.train_indices = train_idx.sort().values
+        self.train_targets = splits.pool_targets[self.train_indices]
+        if self.class_map is not None:
+            self.train_targets = self.class_map[self.train_targets.long()]
         self.train_set = make(self.train_indices, True, False)
         self.test_set = make(None if test_idx is None else test_idx.sort().values, False, True)
         self.val_set = make(val_idx.sort().values, False, False) if n_val else self.test_set
@@ -217,6 +233,22 @@ class ClassificationDataModule(L.LightningDataModule):
             "collate_fn": self.collate_fn,
             "generator": torch.Generator().manual_seed(self.seed),
         }
+        if train and self.samples_per_class:
+            sampler = ClassBalancedSampler(
+                self.train_targets,
+                self.batch_size // self.samples_per_class,
+                self.samples_per_class,
+                seed=self.seed,
+                with_epoch=True,
+                views=self.augment_views,
+            )
+            return DataLoader(
+                ds,
+                batch_size=sampler.batch_size,
+                sampler=sampler,
+                persistent_workers=self.num_workers > 0,
+                **common,
+            )
         if train:
             sampler = IndexSampler(
                 ds, shuffle=True, seed=self.seed, with_epoch=True, views=self.augment_views

@@ -1,8 +1,11 @@
 """Pure tensor functions, one per method: no state, no Lightning (like `torchmetrics.functional`)."""
 
 from toolkit.functional._reduce import reduce
+from toolkit.functional.anyloss import anyloss, soft_confusion
 from toolkit.functional.attention import attention_map, attention_transfer_loss
 from toolkit.functional.bdkd import bdkd_balance, bdkd_student_loss, bdkd_teacher_loss
+from toolkit.functional.bias_loss import bias_loss, bias_weights, feature_variance
+from toolkit.functional.comp_sum import comp_sum_loss
 from toolkit.functional.crkd import (
     cluster_accuracy,
     crkd_kd_loss,
@@ -12,8 +15,10 @@ from toolkit.functional.crkd import (
     swapped_prediction_loss,
 )
 from toolkit.functional.cross_entropy import cross_entropy
+from toolkit.functional.dco import dco_factor, dco_from_log_prob, dco_loss
 from toolkit.functional.dhkd import binary_kl_loss, binary_kl_norm_loss
 from toolkit.functional.dkd import dkd_loss, dkd_parts
+from toolkit.functional.emo import emo_distance, emo_loss
 from toolkit.functional.ensemble_kd import ensemble_kd_loss, ensemble_log_probs
 from toolkit.functional.fitnet import hint_loss
 from toolkit.functional.gt_self_distill import (
@@ -21,7 +26,16 @@ from toolkit.functional.gt_self_distill import (
     gt_self_distill_targets,
     kernel_ridge_self_distill,
 )
+from toolkit.functional.hl_gauss import (
+    hl_gauss_centers,
+    hl_gauss_decode,
+    hl_gauss_loss,
+    hl_gauss_support,
+    hl_gauss_target,
+)
 from toolkit.functional.kd import kd_loss
+from toolkit.functional.l2_svm import l2_svm_loss
+from toolkit.functional.ldr_kl import aldr_kl_lambda, aldr_kl_loss, ldr_kl_loss
 from toolkit.functional.lelp import (
     lelp_fit,
     lelp_loss,
@@ -29,57 +43,100 @@ from toolkit.functional.lelp import (
     lelp_within_class_logits,
     null_space_projector,
 )
+from toolkit.functional.linear_cross_entropy import linear_cross_entropy
+from toolkit.functional.logit_z_reg import logit_z_reg
 from toolkit.functional.mean_teacher import ema_update_, rmt_augment, symmetric_cross_entropy
+from toolkit.functional.mse import squared_error, squared_error_decode
+from toolkit.functional.multi_similarity import ms_mine, multi_similarity_loss
 from toolkit.functional.nd import nd_loss
 from toolkit.functional.nkd import nkd_loss, nkd_parts
+from toolkit.functional.one_to_k import one_to_k_contrastive_embeddings, one_to_k_contrastive_loss
 from toolkit.functional.pld import pld_loss, teacher_optimal_permutation
 from toolkit.functional.ps_kd import ps_kd_alpha, ps_kd_loss, ps_kd_targets
 from toolkit.functional.random_teacher import random_teacher_loss
+from toolkit.functional.retrieval import recall_at_k
+from toolkit.functional.self_adjusting_dice import self_adjusting_dice_loss
 from toolkit.functional.sinkd import sinkd_loss, sinkhorn_plan
+from toolkit.functional.soft_infonce import soft_infonce_embeddings, soft_infonce_loss, soft_infonce_weights
+from toolkit.functional.spherical_z import spherical_z_loss
 from toolkit.functional.tgeo_kd import tgeo_features, tgeo_kd_loss
 from toolkit.functional.uskd import uskd_loss, uskd_parts
 
 __all__ = [
+    "aldr_kl_lambda",
+    "aldr_kl_loss",
+    "anyloss",
     "attention_map",
     "attention_transfer_loss",
     "bdkd_balance",
     "bdkd_student_loss",
     "bdkd_teacher_loss",
+    "bias_loss",
+    "bias_weights",
     "binary_kl_loss",
     "binary_kl_norm_loss",
     "cluster_accuracy",
+    "comp_sum_loss",
     "crkd_kd_loss",
     "cross_entropy",
+    "dco_factor",
+    "dco_from_log_prob",
+    "dco_loss",
     "dkd_loss",
     "dkd_parts",
     "ema_update_",
+    "emo_distance",
+    "emo_loss",
     "ensemble_kd_loss",
     "ensemble_log_probs",
+    "feature_variance",
     "gt_self_distill_loss",
     "gt_self_distill_targets",
     "hint_loss",
+    "hl_gauss_centers",
+    "hl_gauss_decode",
+    "hl_gauss_loss",
+    "hl_gauss_support",
+    "hl_gauss_target",
     "kd_loss",
     "kernel_ridge_self_distill",
+    "l2_svm_loss",
+    "ldr_kl_loss",
     "lelp_fit",
     "lelp_loss",
     "lelp_subclass_logits",
     "lelp_within_class_logits",
+    "linear_cross_entropy",
+    "logit_z_reg",
+    "ms_mine",
+    "multi_similarity_loss",
     "ncd_targets",
     "nd_loss",
     "nkd_loss",
     "nkd_parts",
     "null_space_projector",
+    "one_to_k_contrastive_embeddings",
+    "one_to_k_contrastive_loss",
     "pld_loss",
     "ps_kd_alpha",
     "ps_kd_loss",
     "ps_kd_targets",
     "random_teacher_loss",
+    "recall_at_k",
     "reduce",
     "rmt_augment",
+    "self_adjusting_dice_loss",
     "sinkd_loss",
     "sinkhorn_knopp",
     "sinkhorn_plan",
+    "soft_confusion",
+    "soft_infonce_embeddings",
+    "soft_infonce_loss",
+    "soft_infonce_weights",
+    "spherical_z_loss",
     "split_cluster_accuracy",
+    "squared_error",
+    "squared_error_decode",
     "swapped_prediction_loss",
     "symmetric_cross_entropy",
     "teacher_optimal_permutation",

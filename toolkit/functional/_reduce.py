@@ -55,3 +55,26 @@ def check_logits_and_target(
     ):
         # checked on CPU only: on accelerators this would sync every step (the bus checks once)
         raise ValueError(f"targets must be class indices in [0, {num_classes})")
+
+
+def check_class_logits(logits: Tensor, target: Tensor, method: str) -> None:
+    """One model's (B, C) logits with C ≥ 2 and (B,) class-index targets in [0, C)."""
+    if logits.dim() != 2:
+        raise ValueError(f"{method} needs (B, C) logits, got shape {tuple(logits.shape)}")
+    num_classes = logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"{method} needs at least 2 classes, got {num_classes}")
+    if target.is_floating_point():
+        raise ValueError(
+            f"{method} needs class-index targets (B,) (integers), got a floating-point tensor; "
+            "soft targets are not supported by this loss"
+        )
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"target must be (B,) = ({logits.shape[0]},), got {tuple(target.shape)}")
+    if (
+        target.device.type == "cpu"
+        and target.numel()
+        and bool(((target < 0) | (target >= num_classes)).any())
+    ):
+        # checked on CPU only: on accelerators this would sync every step (the bus checks once)
+        raise ValueError(f"targets must be class indices in [0, {num_classes})")

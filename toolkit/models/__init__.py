@@ -1,6 +1,9 @@
 """Model factory: timm names, Hugging Face transformers, and the CIFAR ResNet/WRN family."""
 
-from toolkit.models import cifar  # noqa: F401 - registers the CIFAR family
+from toolkit.models import (
+    cifar,  # noqa: F401 - registers the CIFAR family
+    mlp,  # noqa: F401 - registers mlp
+)
 from toolkit.models.factory import create_model, load_model_checkpoint, model_names
 from toolkit.models.output import forward_output, num_classes_of, unwrap
 
