@@ -41,12 +41,10 @@ from torch import Tensor, nn
 from toolkit.functional.linear_cross_entropy import linear_cross_entropy
 from toolkit.models.output import unwrap
 from toolkit.modules.bus import LossBus
-from toolkit.modules.classification import CHECKPOINT_KEY, record_hparams
+from toolkit.modules.classification import TrainingState, record_hparams
 from toolkit.modules.config import build_terms
-from toolkit.optim.factory import build_optimizer, build_scheduler
 from toolkit.terms import Step
 from toolkit.types import Batch, ModelOutput, Progress, as_batch
-from toolkit.utils.rng import rng_states, set_rng_states
 
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 1e-3}
 
@@ -133,7 +131,7 @@ class Perplexity(torchmetrics.Metric):
         return torch.exp(self.nll / self.tokens.clamp_min(1)).float()
 
 
-class CausalLMModule(LossBus, L.LightningModule):
+class CausalLMModule(TrainingState, LossBus, L.LightningModule):
     """Train a causal language model with the loss bus (see the module docstring).
 
     Args:
@@ -309,32 +307,6 @@ class CausalLMModule(LossBus, L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_ppl, "test")
-
-    # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        opt = build_optimizer(self.parameters(), self.optimizer_config)
-        max_epochs = self.trainer.max_epochs if getattr(self, "_trainer", None) is not None else None
-        sched = build_scheduler(opt, self.scheduler_config, max_epochs=max_epochs)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
-
-    # -- checkpoints (as ClassificationModule: the RNG states make a resumed run exact) ----------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"model": self.model_spec, "rng": rng_states()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY, {})
-        trainer = getattr(self, "_trainer", None)
-        if "rng" in state and trainer is not None and trainer.state.fn == "fit":
-            self._resume_rng = state["rng"]
-
-    def on_train_start(self) -> None:
-        rng = getattr(self, "_resume_rng", None)
-        if rng is not None:
-            set_rng_states(rng)
-            self._resume_rng = None
-        super().on_train_start()
-        if rng is not None:
-            set_rng_states(rng)
 
 
 __all__ = ["CausalLMModule", "LMOutput", "Perplexity", "body_and_head", "build_causal_lm"]

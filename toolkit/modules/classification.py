@@ -47,7 +47,49 @@ def record_hparams(module: L.LightningModule, **args: Any) -> None:
     module.save_hyperparameters({k: v for k, v in args.items() if _serialisable(v)})
 
 
-class ClassificationModule(LossBus, L.LightningModule):
+class TrainingState:
+    """Optimiser and LR schedule from config, and exact resume: the checkpoint's `toolkit` key
+    holds the model spec and the global RNG states, restored when training starts.
+
+    Shared by the toolkit's LightningModules (put it before `LossBus` in the bases); they set
+    `optimizer_config`, `scheduler_config` and `model_spec`.
+    """
+
+    optimizer_config: Any
+    scheduler_config: Any
+    model_spec: dict[str, Any] | None
+
+    def configure_optimizers(self) -> Any:
+        opt = build_optimizer(self.parameters(), self.optimizer_config)
+        max_epochs = self.trainer.max_epochs if getattr(self, "_trainer", None) is not None else None
+        sched = build_scheduler(opt, self.scheduler_config, max_epochs=max_epochs)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The global RNG states make a resumed run draw the same augmentations, dropout masks and
+        # worker seeds as one that never stopped (the data order itself depends only on seed+epoch).
+        checkpoint[CHECKPOINT_KEY] = {"model": self.model_spec, "rng": rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY, {})
+        trainer = getattr(self, "_trainer", None)
+        if "rng" in state and trainer is not None and trainer.state.fn == "fit":
+            # Applied in on_train_start: the sanity-check validation in between draws random numbers.
+            self._resume_rng = state["rng"]
+
+    def on_train_start(self) -> None:
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:
+            set_rng_states(rng)
+            self._resume_rng = None
+        super().on_train_start()  # LossBus: the terms' own start hooks
+        if rng is not None:
+            # a term's pass over the data must not shift the restored random stream
+            set_rng_states(rng)
+
+
+class ClassificationModule(TrainingState, LossBus, L.LightningModule):
     """Train one classifier with the loss bus.
 
     Args:
@@ -223,33 +265,3 @@ class ClassificationModule(LossBus, L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
-
-    # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        opt = build_optimizer(self.parameters(), self.optimizer_config)
-        max_epochs = self.trainer.max_epochs if getattr(self, "_trainer", None) is not None else None
-        sched = build_scheduler(opt, self.scheduler_config, max_epochs=max_epochs)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The global RNG states make a resumed run draw the same augmentations, dropout masks and
-        # worker seeds as one that never stopped (the data order itself depends only on seed+epoch).
-        checkpoint[CHECKPOINT_KEY] = {"model": self.model_spec, "rng": rng_states()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY, {})
-        trainer = getattr(self, "_trainer", None)
-        if "rng" in state and trainer is not None and trainer.state.fn == "fit":
-            # Applied in on_train_start: the sanity-check validation in between draws random numbers.
-            self._resume_rng = state["rng"]
-
-    def on_train_start(self) -> None:
-        rng = getattr(self, "_resume_rng", None)
-        if rng is not None:
-            set_rng_states(rng)
-            self._resume_rng = None
-        super().on_train_start()  # LossBus: the terms' own start hooks
-        if rng is not None:
-            # a term's pass over the data must not shift the restored random stream
-            set_rng_states(rng)
