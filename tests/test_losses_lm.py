@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from toolkit import build
 from toolkit.functional import (
@@ -550,3 +552,33 @@ def test_recipe_runs_the_lm_task_and_the_cross_entropy_baseline_resolves_onto_it
     assert cfg["task"] == "causal_lm" and train.loss_terms(cfg) == {
         "cross_entropy": {"loss": "cross_entropy", "label_smoothing": 0.0}
     }
+
+
+# -- every LM loss: finite for any logits in ±1e4, fp32 and bf16 (property test) --------------------
+
+LM_LOSSES = {
+    "logit_z_reg": lambda z, y: logit_z_reg(z, y),
+    "emo": lambda z, y: emo_loss(z, y, torch.linspace(-1, 1, 15).view(5, 3)),
+    "dco_sequence": lambda z, y: dco_loss(z.view(2, 2, 5), y.view(2, 2), n=16),
+    "dco_token": lambda z, y: dco_loss(z, y, n=16, level="token"),
+    # identity head: the hidden states are the logits, so hypothesis draws the logits themselves
+    "linear_cross_entropy": lambda z, y: linear_cross_entropy(
+        z, torch.eye(5, dtype=z.dtype), y, z_loss=1e-4, label_smoothing=0.1, token_chunk=2, vocab_chunk=2
+    ),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=20, max_size=20),
+    st.lists(st.integers(-1, 4), min_size=4, max_size=4),
+    st.sampled_from(sorted(LM_LOSSES)),
+    st.booleans(),
+)
+def test_property_every_lm_loss_finite(values, labels, name, bf16):
+    z = torch.tensor(values).view(4, 5)
+    z = (z.bfloat16() if bf16 else z).requires_grad_(True)
+    y = torch.tensor(labels).masked_fill(torch.tensor(labels) < 0, -100)  # -1 draws an ignored token
+    v = LM_LOSSES[name](z, y)
+    (g,) = torch.autograd.grad(v, [z])
+    assert torch.isfinite(v) and torch.isfinite(g).all(), (name, v, g)
