@@ -4,7 +4,7 @@ from toolkit import build
 kd = build("distiller", "kd", temperature=4.0)
 """
 
-from toolkit import callbacks, data, distill, losses, models, modules, optim  # noqa: F401 - fill the registry
+from toolkit import callbacks, data, distill, losses, models, modules, optim, selection  # noqa: F401 - fill the registry
 from toolkit.registry import build, names, register
 from toolkit.terms import LossTerm, Step
 from toolkit.types import Batch, ModelOutput, Progress

@@ -153,6 +153,8 @@ class ClassificationDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self.train_indices: Tensor | None = None
         self.train_targets: Tensor | None = None
+        self._subset_positions: Tensor | None = None
+        self._score_set: Dataset | None = None
 
     # -- to implement ---------------------------------------------------------------------
     def load(self) -> Splits:  # pragma: no cover - abstract
@@ -196,6 +198,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_targets = splits.pool_targets[self.train_indices]
         if self.class_map is not None:
             self.train_targets = self.class_map[self.train_targets.long()]
+        self._make = make
         self.train_set = make(self.train_indices, True, False)
         self.test_set = make(None if test_idx is None else test_idx.sort().values, False, True)
         self.val_set = make(val_idx.sort().values, False, False) if n_val else self.test_set
@@ -234,6 +237,11 @@ class ClassificationDataModule(L.LightningDataModule):
             "generator": torch.Generator().manual_seed(self.seed),
         }
         if train and self.samples_per_class:
+            if self._subset_positions is not None:
+                raise ValueError(
+                    "a training subset (data pruning) and class-balanced batches (samples_per_class) cannot "
+                    "be combined: drop one of them"
+                )
             sampler = ClassBalancedSampler(
                 self.train_targets,
                 self.batch_size // self.samples_per_class,
@@ -251,7 +259,13 @@ class ClassificationDataModule(L.LightningDataModule):
             )
         if train:
             sampler = IndexSampler(
-                ds, shuffle=True, seed=self.seed, with_epoch=True, views=self.augment_views
+                ds,
+                shuffle=True,
+                seed=self.seed,
+                with_epoch=True,
+                views=self.augment_views,
+                subset=self._subset_positions,
+                batch_size=self.batch_size,
             )
             return DataLoader(
                 ds,
@@ -265,6 +279,40 @@ class ClassificationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         return self._loader(self.train_set, True)
+
+    # -- data selection ----------------------------------------------------------------------
+    def set_train_subset(self, sample_indices: Tensor | None) -> None:
+        """Train only on these samples (their `Batch.index` values; None: all) from the next time
+        the training loader is built. Used by `DataPruning`."""
+        self.setup("fit")
+        if sample_indices is None:
+            self._subset_positions = None
+            return
+        idx = torch.as_tensor(sample_indices, dtype=torch.long).flatten()
+        pos = torch.searchsorted(self.train_indices, idx).clamp_max(len(self.train_indices) - 1)
+        missing = idx[self.train_indices[pos] != idx]
+        if len(missing):
+            raise ValueError(
+                f"{len(missing)} of the {len(idx)} sample indices are not training samples of this "
+                f"{type(self).__name__} (e.g. {missing[:5].tolist()}): the subset (or the scores it came "
+                "from) belongs to another data set, split or seed"
+            )
+        self._subset_positions = pos.sort().values
+
+    @property
+    def train_sample_indices(self) -> Tensor:
+        """Every training sample's index (`Batch.index`), sorted."""
+        self.setup("fit")
+        return self.train_indices
+
+    def scoring_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The training samples without augmentation, in index order, this rank's share
+        (every world_size-th): for scoring passes over the training set."""
+        self.setup("fit")
+        if self._score_set is None:
+            self._score_set = self._make(self.train_indices, False, False)
+        positions = list(range(rank, len(self._score_set), world_size))
+        return self._loader(torch.utils.data.Subset(self._score_set, positions), False)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("fit")

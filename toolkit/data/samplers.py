@@ -12,6 +12,14 @@ view of a sample is a pure function of those three, in any process, worker or re
 With `views=K` the key carries `epoch mod K` instead: the augmentation repeats every K epochs
 (what a teacher-output cache needs), while the order still changes every epoch.
 
+With `subset` (dataset positions) it serves only those positions: what data pruning trains on.
+The subset may change between epochs (`set_subset`; Lightning must then rebuild the loader to
+learn the new length, which `DataPruning` arranges). Given the loader's `batch_size`, the
+positions are dealt so that every kept sample is seen exactly once per epoch and every rank runs
+the same number of batches (ranks' counts differ by at most one); only when that is impossible
+(fewer than world-size samples would be left for the last global step, K mod (W·B) in [1, W-1])
+does it pad, by repeating at most W-1 samples, as `DistributedSampler` always does.
+
 `ClassBalancedSampler`: the same contract (rank-aware, a pure function of seed and epoch) for the
 class-balanced P×K batches of metric learning.
 """
@@ -22,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 
@@ -34,27 +43,66 @@ class IndexSampler(DistributedSampler):
         drop_last: bool = False,
         with_epoch: bool = False,
         views: int | None = None,
+        subset: Tensor | None = None,
+        batch_size: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         if views is not None and (isinstance(views, bool) or views < 1):
             raise ValueError(f"views must be an integer >= 1 or None, got {views!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
         self.with_epoch = with_epoch
         self.views = views
-        if dist.is_available() and dist.is_initialized():
-            replicas, rank = dist.get_world_size(), dist.get_rank()
-        else:
-            replicas, rank = 1, 0
+        self.batch_size = batch_size
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         super().__init__(
-            dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
+        self.subset: Tensor | None = None
+        self.set_subset(subset)
+
+    def set_subset(self, subset: Tensor | None) -> None:
+        """Serve only these dataset positions (None: all); sizes the epoch for them."""
+        n = len(self.dataset)
+        if subset is not None:
+            subset = torch.as_tensor(subset, dtype=torch.long).flatten()
+            if not len(subset):
+                raise ValueError("the training subset is empty: keep at least one sample")
+            if int(subset.min()) < 0 or int(subset.max()) >= n:
+                raise ValueError(
+                    f"subset positions must be in [0, {n}), got [{int(subset.min())}, {int(subset.max())}]"
+                )
+            if len(torch.unique(subset)) != len(subset):
+                raise ValueError("subset positions must be distinct")
+            n = len(subset)
+        self.subset = subset
+        w, b = self.num_replicas, self.batch_size
+        if self.drop_last:
+            self.total_size = (n // w) * w
+        elif b is None or w == 1:
+            self.total_size = -(-n // w) * w
+        else:
+            last_step = n - (-(-n // (w * b)) - 1) * w * b  # samples left for the last global step
+            self.total_size = n + (w - last_step if last_step < w else 0)
+        self.num_samples = len(range(self.rank, self.total_size, w))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
-        n = len(self.dataset)
+        n = len(self.dataset) if self.subset is None else len(self.subset)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        if self.drop_last:
+        if self.subset is not None:
+            order = self.subset[torch.tensor(order, dtype=torch.long)].tolist()
+        if self.total_size <= n:
             order = order[: self.total_size]
         else:
             pad = self.total_size - n
