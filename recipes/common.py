@@ -36,6 +36,7 @@ NESTED = {
     "teacher_train": "teacher_train",
     "optimizer": "optimizer",
     "scheduler": "scheduler",
+    "selector": "selector_args",
 }
 
 
@@ -244,6 +245,17 @@ def list_names(kind: str) -> None:
 
     print("\n".join(registry.names(kind)))
     sys.stdout.flush()
+
+
+def selector_defaults(name: str) -> dict[str, Any]:
+    """The `selector_args` of a selector's config (recipes/configs/prune/NAME.yaml), checking the
+    name against the registry first."""
+    import toolkit  # noqa: F401 - fills the registry
+    from toolkit import registry
+
+    registry.get("selector", name)
+    path = CONFIG_DIR / "prune" / f"{name}.yaml"
+    return dict(load_yaml(path).get("selector_args") or {}) if path.exists() else {}
 
 
 def build_data(name: str, args: Mapping[str, Any], seed: int):

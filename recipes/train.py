@@ -4,6 +4,7 @@
     python -m recipes.train --loss cross_entropy --loss.label_smoothing 0.1 --data digits --fast
     python -m recipes.train --list                     # registered losses
     python -m recipes.train --compare cross_entropy,comp_sum --seeds 0,1,2   # one table + comparison.png
+    python -m recipes.train --selector elr --noisy-labels 0.4    # a data selector (toolkit.selection) on noisy labels
 
 Reports the task's test metric (accuracy for classification) per seed, mean ± std over `--seeds`,
 and writes OUT/results.json. A loss config's `task:` picks how the run is built (`recipes/tasks/`:
@@ -39,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "terms": None,
     "method_args": {},
     "seeds": [0],
+    "selector": None,
+    "selector_args": {},
     "out": "runs/train",
     "trainer": {},
     "fast": {
@@ -60,6 +63,20 @@ def loss_terms(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"--loss.* options given but no term uses loss {cfg['method']!r}")
         terms[owner].update(cfg["method_args"])
     return terms
+
+
+def with_selection_flags(args: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--selector NAME` (its prune config's selector_args under the command line's) and
+    `--noisy-labels RATE` as config overrides."""
+    from recipes.common import deep_merge, selector_defaults
+
+    extra: dict[str, Any] = {}
+    if getattr(args, "selector", None):
+        extra["selector"] = args.selector
+        extra["selector_args"] = selector_defaults(args.selector)
+    if getattr(args, "noisy_labels", None) is not None:
+        extra["data_args"] = {"label_noise": args.noisy_labels}
+    return deep_merge(extra, overrides)
 
 
 def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -106,6 +123,8 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         "data": cfg["data"],
         "seeds": cfg["seeds"],
         "model": cfg["student"],
+        "selector": cfg.get("selector"),
+        "label_noise": cfg["data_args"].get("label_noise", 0.0),
         **summary(first),
         "wall_seconds": time.perf_counter() - started,
         "terms": {c["method"]: loss_terms(c) for c in cfgs} if compare else loss_terms(cfg),
@@ -121,7 +140,11 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
 
     rows = [
-        (f"{cfg['student']} + {name}", shown(e["values"]), f"{sum(e['seconds']) / len(e['seconds']):.1f}")
+        (
+            f"{cfg['student']} + {name}" + (f" + {cfg['selector']}" if cfg.get("selector") else ""),
+            shown(e["values"]),
+            f"{sum(e['seconds']) / len(e['seconds']):.1f}",
+        )
         for name, e in runs.items()
     ]
     label = (
@@ -149,10 +172,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument(
         "--compare", help="comma-separated losses to run on the same data and seeds (one table)"
     )
+    parser.add_argument(
+        "--selector",
+        help="a data selector to attach (see python -m recipes.prune --list), with its "
+        "config's selector_args (recipes/configs/prune/NAME.yaml); --selector.KEY VALUE overrides them",
+    )
+    parser.add_argument(
+        "--noisy-labels",
+        type=float,
+        metavar="RATE",
+        help="symmetric label noise on the training split only: this fraction of training samples get a "
+        "uniformly random class (recorded in results.json)",
+    )
     args, overrides = parse(parser, argv)
     if args.list:
         list_names("loss")
         return None
+    overrides = with_selection_flags(args, overrides)
     if args.compare and args.method:
         parser.error("use either --loss or --compare")
     methods = [m.strip() for m in (args.compare or "").split(",") if m.strip()]

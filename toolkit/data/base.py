@@ -23,17 +23,21 @@ CLASS_SPLITS = ("all", "known", "novel")
 
 
 class _Relabelled(Dataset):
-    """Items of `dataset` with their target mapped through `class_map` (index kept)."""
+    """Items of `dataset` with their target mapped through `class_map` (by label), then
+    replaced by `override` (by sample index, where it is >= 0; label noise). Index kept."""
 
-    def __init__(self, dataset: Dataset, class_map: Tensor) -> None:
-        self.dataset, self.class_map = dataset, class_map
+    def __init__(self, dataset: Dataset, class_map: Tensor | None = None, override: Tensor | None = None) -> None:
+        self.dataset, self.class_map, self.override = dataset, class_map, override
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: Any) -> Any:
         item = self.dataset[key]
-        return item._replace(target=self.class_map[item.target])
+        target = item.target if self.class_map is None else self.class_map[item.target]
+        if self.override is not None and self.override[item.index] >= 0:
+            target = self.override[item.index]
+        return item._replace(target=target)
 
 
 @dataclass
@@ -92,6 +96,10 @@ class ClassificationDataModule(L.LightningDataModule):
         samples_per_class: class-balanced training batches for metric learning: each batch holds
             batch_size // samples_per_class classes with samples_per_class samples each
             (`ClassBalancedSampler`, rank-aware, seeded by seed and epoch). None: shuffled batches.
+        label_noise: symmetric label noise on the training split only (validation and test stay
+            clean): this fraction of the training samples, drawn with `seed`, get a uniformly
+            random class (possibly their own, as ELR's code). `clean_train_targets` keeps the
+            true labels; `noisy_labels[index]` is the new label (-1 where unchanged).
     """
 
     name = "classification"
@@ -115,8 +123,12 @@ class ClassificationDataModule(L.LightningDataModule):
         known_classes: int | list[int] | None = None,
         class_split: str = "all",
         samples_per_class: int | None = None,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(label_noise, bool) or not 0 <= label_noise < 1:
+            raise ValueError(f"label_noise must be a fraction in [0, 1) of training labels to corrupt, got {label_noise!r}")
+        self.label_noise = float(label_noise)
         if samples_per_class is not None and (
             isinstance(samples_per_class, bool) or samples_per_class < 2 or batch_size < 2 * samples_per_class
         ):
@@ -194,14 +206,40 @@ class ClassificationDataModule(L.LightningDataModule):
             def make(indices, train, test):
                 return _Relabelled(splits.make(indices, train, test), class_map)
 
+        self.noisy_labels = None
+        if self.label_noise:
+            override = self._noisy_labels(train_idx, len(splits.pool_targets))
+            clean_make = make
+
+            def make(indices, train, test):  # validation samples are never in `override`
+                ds = clean_make(indices, train, test)
+                return ds if test else _Relabelled(ds, override=override)
+
         self.train_indices = train_idx.sort().values
         self.train_targets = splits.pool_targets[self.train_indices]
         if self.class_map is not None:
             self.train_targets = self.class_map[self.train_targets.long()]
+        if self.noisy_labels is not None:
+            self.clean_train_targets = self.train_targets.clone()
+            noisy = self.noisy_labels[self.train_indices]
+            self.train_targets = torch.where(noisy >= 0, noisy, self.train_targets)
         self._make = make
         self.train_set = make(self.train_indices, True, False)
         self.test_set = make(None if test_idx is None else test_idx.sort().values, False, True)
         self.val_set = make(val_idx.sort().values, False, False) if n_val else self.test_set
+
+    def _noisy_labels(self, train_idx: Tensor, pool_size: int) -> Tensor:
+        """Symmetric label noise on the training split (as ELR's code, `symmetric_noise`): exactly
+        round(rate · N) training samples, drawn with the seed, each get a class drawn uniformly
+        from all classes (which may be its own). Returns the new label per pool index (-1: kept)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
+        train_idx = train_idx.sort().values
+        k = int(round(self.label_noise * len(train_idx)))
+        chosen = train_idx[torch.randperm(len(train_idx), generator=g)[:k]]
+        override = torch.full((pool_size,), -1, dtype=torch.long)
+        override[chosen] = torch.randint(0, self.num_classes, (k,), generator=g)
+        self.noisy_labels = override
+        return override
 
     def _class_map(self) -> Tensor:
         """original label -> label in this `class_split` (-1: dropped); sets num_classes, num_known."""

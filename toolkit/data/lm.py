@@ -212,6 +212,12 @@ class CausalLMDataModule(L.LightningDataModule):
         self.setup("test")
         return self._loader(self.test_set, False)
 
+    def train_texts(self) -> list[str]:
+        """The text of every training sequence (its tokens decoded), in increasing sample-index
+        order (for model-free selectors such as zip_fit)."""
+        self.setup("fit")
+        return [self.tokenizer.decode(self.train_blocks[i].tolist()) for i in self.train_set.indices.tolist()]
+
     def example_input(self, n: int = 2) -> dict[str, Tensor]:
         """The first `n` training sequences as a model input dict, for dry runs."""
         self.setup("fit")

@@ -286,6 +286,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         """Class names in index order (the name `ImageFolderDataModule` uses)."""
         return self.class_names
 
+    def train_texts(self) -> list[str]:
+        """The text of every training sample, in `train_sample_indices` order (for model-free
+        selectors such as zip_fit)."""
+        return [self.texts_train[i] for i in self.train_sample_indices.tolist()]
+
     def load(self) -> Splits:
         def make(indices, train: bool, test: bool):
             if test:

@@ -121,7 +121,8 @@ class DataPruning(Callback):
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
-            warnings.warn(f"DataPruning does nothing outside fit (stage {stage!r})", stacklevel=2)
+            if self._datamodule is None:  # never fitted: the user may expect pruning here
+                warnings.warn(f"DataPruning only acts while fitting; it does nothing in stage '{stage}'", stacklevel=2)
             return
         dm = trainer.datamodule
         missing = [a for a in _DM_API if not hasattr(dm, a)]
@@ -133,6 +134,7 @@ class DataPruning(Callback):
             )
         self._datamodule, self._active = dm, True
         indices = dm.train_sample_indices
+        self.scorer.bind_data(dm)
         self.scorer.bind(indices)
         if self.given_scores is not None:
             self.given_scores.check_covers(indices, f"this {type(dm).__name__}'s training set")

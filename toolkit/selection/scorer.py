@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.selection.scores import SampleScores
-from toolkit.types import Batch
+from toolkit.types import Batch, require_index
 
 
 def scoring_model(pl_module: L.LightningModule) -> nn.Module:
@@ -48,6 +48,10 @@ class Scorer:
     def bind(self, sample_indices: Tensor) -> None:
         """Called once with every training sample's index before anything is scored."""
         self.sample_indices = sample_indices
+
+    def bind_data(self, datamodule: Any) -> None:
+        """Called with the DataModule just before `bind`, for scorers that read the data itself
+        rather than the model (zip_fit reads the training texts). Default: nothing."""
 
     # -- passes ----------------------------------------------------------------------------
     def begin_pass(self) -> None:
@@ -100,8 +104,7 @@ class PassScorer(Scorer):
         self._pending = []
 
     def pass_batch(self, model: nn.Module, batch: Batch) -> None:
-        if batch.index is None:
-            raise ValueError(f"{self.name} scores are keyed by sample index but the scoring batch has none")
+        require_index(batch, f"the {self.name} selector")
         score = self.score_batch(model, batch)
         if score.shape != batch.index.shape:
             raise ValueError(

@@ -13,6 +13,7 @@ computed on another data set, split or seed are an error, not a silent mismatch.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ class SampleScores:
                 out.total[index], out.count[index] = score, 1
             else:
                 raise ValueError(f"scores files are .pt or .npy, got {path.name!r}")
-        except (OSError, KeyError, RuntimeError, ValueError, EOFError) as e:
+        except (OSError, KeyError, TypeError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
             raise ValueError(f"cannot read scores from {path}: {e}") from e
         return out
 
