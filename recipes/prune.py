@@ -98,6 +98,10 @@ def score(cfg: dict[str, Any], out: Path) -> Path:
     args = {k: v for k, v in cfg["selector_args"].items() if k not in ("keep", "scores", "save_scores")}
     args.setdefault("score_epochs", sc["epochs"])
     epochs = max(args["score_epochs"]) if isinstance(args["score_epochs"], list) else args["score_epochs"]
+    # scores at initialisation (GraNd): a run that trains no batch (its one scoring pass is at fit start)
+    length = {"epochs": epochs}
+    if epochs == 0:
+        length = {"epochs": 1, "trainer": {**cfg["trainer"], "limit_train_batches": 0}}
     runs = []
     for seed in sc["seeds"]:
         path = out / "scores" / f"seed{seed}.pt"
@@ -108,7 +112,7 @@ def score(cfg: dict[str, Any], out: Path) -> Path:
             f"score_{name}",
             selector=name,
             selector_args={**args, "keep": 1.0, "save_scores": str(path)},
-            epochs=epochs,
+            **length,
         )
         runs.append(SampleScores.load(path))
     mean = SampleScores.mean_of(runs)

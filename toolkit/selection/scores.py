@@ -158,7 +158,15 @@ class SampleScores:
                 out.total[index], out.count[index] = score, 1
             else:
                 raise ValueError(f"scores files are .pt or .npy, got {path.name!r}")
-        except (OSError, KeyError, TypeError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        except (
+            OSError,
+            KeyError,
+            TypeError,
+            RuntimeError,
+            ValueError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as e:
             raise ValueError(f"cannot read scores from {path}: {e}") from e
         return out
 
