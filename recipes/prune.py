@@ -6,7 +6,8 @@
     python -m recipes.prune --selector elr --noisy-labels 0.4 --seeds 0,1,2           # CE vs CE + elr
     python -m recipes.prune --list
 
-Pruning selectors (el2n, grand, forgetting, ...): `score.seeds` short runs of `score.epochs`
+Every run uses one data set (`split_seed`, default 0: the validation split, the training subset and
+any label noise), whatever its seed. Pruning selectors (el2n, grand, forgetting, ...): `score.seeds` short runs of `score.epochs`
 epochs score every training sample (each saved as OUT/scores/seed<S>.pt); their mean (Data Diet
 averages independent runs) is saved as OUT/scores.pt and OUT/scores.npy (keyed by sample index,
 reusable with --scores). Then, for every fraction in --keep and every seed, a model is trained
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "keep": [0.5],
     "score": {"seeds": [0, 1, 2], "epochs": 2},
     "noisy_labels": None,
+    "split_seed": 0,
     "seeds": [0],
     "out": "runs/prune",
     "trainer": {},
@@ -133,6 +135,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     registry.get("selector", name)
     out = Path(cfg["out"])
     started = time.perf_counter()
+    # one data set for every run: the seeds vary the model, the order and the augmentation, not
+    # which samples (and noisy labels) there are; scores keyed by sample index need that
+    cfg = deep_merge(
+        cfg, {"data_args": {"split_seed": cfg["data_args"].get("split_seed", cfg["split_seed"])}}
+    )
     if cfg.get("noisy_labels") is not None:
         cfg = deep_merge(cfg, {"data_args": {"label_noise": cfg["noisy_labels"]}})
     runs: dict[str, dict[str, Any]] = {}

@@ -494,3 +494,16 @@ def test_prune_recipe_scores_prunes_retrains_and_reuses_scores(tmp_path):
     )
     assert again["scores_file"] == str(out / "scores.pt")
     assert again["runs"]["el2n keep 0.3"]["acc_per_seed"] == res["runs"]["el2n keep 0.3"]["acc_per_seed"]
+
+
+def test_split_seed_fixes_the_data_set_while_the_seed_varies_the_run():
+    a, b, c = digits(seed=0, split_seed=5), digits(seed=1, split_seed=5, label_noise=0.2), digits(seed=1)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert torch.equal(a.train_sample_indices, b.train_sample_indices)
+    assert not torch.equal(a.train_sample_indices, c.train_sample_indices)
+    again = digits(seed=7, split_seed=5, label_noise=0.2)
+    again.setup("fit")
+    assert torch.equal(again.train_targets, b.train_targets)  # the same noisy labels
+    sa, sb = IndexSampler(list(range(10)), seed=a.seed), IndexSampler(list(range(10)), seed=b.seed)
+    assert list(sa) != list(sb)  # the order still follows the run seed

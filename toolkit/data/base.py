@@ -102,6 +102,10 @@ class ClassificationDataModule(L.LightningDataModule):
             clean): this fraction of the training samples, drawn with `seed`, get a uniformly
             random class (possibly their own, as ELR's code). `clean_train_targets` keeps the
             true labels; `noisy_labels[index]` is the new label (-1 where unchanged).
+        split_seed: seeds the data set itself (validation split, `train_subset`, `test_subset`,
+            label noise) apart from the run (`seed`: shuffling, augmentation), so runs with
+            several seeds can share one training set (data pruning: scores keyed by sample index
+            must cover the same samples). Default: `seed`.
     """
 
     name = "classification"
@@ -126,6 +130,7 @@ class ClassificationDataModule(L.LightningDataModule):
         class_split: str = "all",
         samples_per_class: int | None = None,
         label_noise: float = 0.0,
+        split_seed: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(label_noise, bool) or not 0 <= label_noise < 1:
@@ -164,6 +169,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.augment_views = augment_views
         self.num_workers = num_workers
         self.seed = seed
+        self.split_seed = split_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -171,6 +177,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_targets: Tensor | None = None
         self._subset_positions: Tensor | None = None
         self._score_set: Dataset | None = None
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data set's draws (`split_seed`, else `seed`)."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     # -- to implement ---------------------------------------------------------------------
     def load(self) -> Splits:  # pragma: no cover - abstract
@@ -184,7 +195,7 @@ class ClassificationDataModule(L.LightningDataModule):
         check_targets(splits.pool_targets, self.num_classes, f"{self.name} training data")
         check_targets(splits.test_targets, self.num_classes, f"{self.name} test data")
         n = len(splits.pool_targets)
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.data_seed)
         perm = torch.randperm(n, generator=g)
         n_val = _split_sizes(n, self.val_split, "val_split") if self.val_split else 0
         if n_val >= n:
@@ -236,7 +247,7 @@ class ClassificationDataModule(L.LightningDataModule):
         """Symmetric label noise on the training split (as ELR's code, `symmetric_noise`): exactly
         round(rate · N) training samples, drawn with the seed, each get a class drawn uniformly
         from all classes (which may be its own). Returns the new label per pool index (-1: kept)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
+        g = torch.Generator().manual_seed(self.data_seed * 1_000_003 + 7919)
         train_idx = train_idx.sort().values
         k = int(round(self.label_noise * len(train_idx)))
         chosen = train_idx[torch.randperm(len(train_idx), generator=g)[:k]]
