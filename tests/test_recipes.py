@@ -208,6 +208,18 @@ def test_every_config_resolves_and_builds(path):
     from toolkit.modules import ClassificationModule, DistillationModule
 
     recipe = path.parent.name
+    if recipe == "prune":
+        from recipes import prune
+
+        args, overrides = parse(common_parser("x", "y", "method"), ["--config", str(path)])
+        cfg = resolve_config(prune.DEFAULTS, recipe, args, overrides)
+        selector_args = {k: v for k, v in cfg["selector_args"].items() if k != "scores"}
+        if prune.is_pruning(cfg["method"]):
+            selector_args["keep"] = cfg["keep"][0]
+        built = registry.build("selector", cfg["method"], **selector_args)
+        registry.get("data", cfg["data"])
+        assert built is not None and cfg["method"] == path.stem
+        return
     module = {"distill": distill, "train": train}[recipe]
     args, overrides = parse(common_parser("x", "y", "method"), ["--config", str(path)])
     cfg = resolve_config(module.DEFAULTS, recipe, args, overrides)
@@ -237,6 +249,30 @@ def test_every_config_resolves_and_builds(path):
         built = task_module.build_module(cfg, data_cls)
         assert cfg["method"] in registry.names("loss")
     assert len(built.loss_terms) >= 1
+
+
+@pytest.mark.parametrize(
+    "selector", [n for n in registry.names("selector") if n != "zip_fit"]
+)  # zip_fit: text
+def test_prune_recipe_runs_every_selector_fast(selector, tmp_path):
+    from recipes import prune
+
+    res = prune.main(
+        [
+            "--selector",
+            selector,
+            "--data",
+            "digits",
+            "--fast",
+            "--out",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    accs = [r["acc"] for r in res["runs"].values()]
+    assert len(accs) >= 2 and all(0.0 <= a <= 1.0 for a in accs)
+    assert (tmp_path / "results.md").exists()
 
 
 def test_compare_runs_methods_on_one_teacher(tmp_path):
