@@ -94,3 +94,42 @@ class SampleMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows={len(self)}, row_shape={self.row_shape}, dtype={self.dtype}"
+
+
+MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ClassMemoryTerm:
+    """Mixin for loss terms keeping one row of C class values per sample (PS-KD's past
+    predictions, ELR's targets): a `SampleMemory` created at the first step (or the dry run) with
+    the logits' class count, in `memory_dtype`, restored from checkpoints through the module's
+    extra state. Call `init_memory(memory_dtype)` in `__init__`."""
+
+    def init_memory(self, memory_dtype: str) -> None:
+        if memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"memory_dtype must be one of {', '.join(MEMORY_DTYPES)}, got {memory_dtype!r}")
+        self.memory_dtype = memory_dtype
+        self.memory: SampleMemory | None = None
+
+    def class_memory(self, num_classes: int) -> SampleMemory:
+        if self.memory is None:
+            self.memory = SampleMemory(num_classes, getattr(torch, self.memory_dtype))
+        elif self.memory.row_shape != (num_classes,):
+            raise ValueError(
+                f"{type(self).__name__} keeps rows of {self.memory.row_shape[0]} classes but the logits have "
+                f"{num_classes}"
+            )
+        return self.memory
+
+    def setup(self, example: Any) -> None:
+        self.class_memory(example.student.logits.shape[-1])
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "has_memory": self.memory is not None,
+            "num_classes": None if self.memory is None else self.memory.row_shape[0],
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state["has_memory"]:
+            self.class_memory(state["num_classes"])

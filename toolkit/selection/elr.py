@@ -11,10 +11,9 @@ gives the paper's loss CE + λ·mean log(1 − ⟨t, p⟩).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from toolkit.distill.memory import SampleMemory
+from toolkit.distill.memory import ClassMemoryTerm
 from toolkit.functional.elr import check_elr, elr_regularizer, elr_update_target
 from toolkit.registry import register
 from toolkit.terms import LossTerm, Step
@@ -23,7 +22,7 @@ from toolkit.types import require_index
 
 @register("loss", "elr")
 @register("selector", "elr")
-class ELRLoss(LossTerm):
+class ELRLoss(ClassMemoryTerm, LossTerm):
     """ELR regulariser: λ·log(1 − ⟨t_i, p_i⟩), t_i an EMA of sample i's own past predictions.
 
     Liu, Niles-Weed, Razavian & Fernandez-Granda, *Early-Learning Regularization Prevents
@@ -53,46 +52,21 @@ class ELRLoss(LossTerm):
     ) -> None:
         super().__init__()
         check_elr(beta, lam, clamp)
-        if memory_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"memory_dtype must be float32, float16 or bfloat16, got {memory_dtype!r}")
         self.beta, self.lam, self.clamp = float(beta), float(lam), float(clamp)
-        self.memory_dtype = memory_dtype
-        self.memory: SampleMemory | None = None
-
-    def _memory(self, num_classes: int) -> SampleMemory:
-        if self.memory is None:
-            self.memory = SampleMemory(num_classes, getattr(torch, self.memory_dtype))
-        elif self.memory.row_shape != (num_classes,):
-            raise ValueError(
-                f"elr keeps targets of {self.memory.row_shape[0]} classes but the logits have {num_classes}"
-            )
-        return self.memory
-
-    def setup(self, example: Step) -> None:
-        self._memory(example.student.logits.shape[-1])
+        self.init_memory(memory_dtype)
 
     def forward(self, step: Step) -> Tensor:
         index = require_index(step.batch, "elr")
         logits = step.student.logits
         if logits.dim() != 2:
             raise ValueError(f"elr needs (B, C) logits, got shape {tuple(logits.shape)}")
-        memory = self._memory(logits.shape[-1])
+        memory = self.class_memory(logits.shape[-1])
         target, _ = memory.read(index)
         if self.training:
             target = elr_update_target(target, logits, self.beta, self.clamp)
             memory.write(index, target)
             target, _ = memory.read(index)  # as stored (memory_dtype), the same on every rank
         return self.lam * elr_regularizer(logits, target, self.clamp, reduction="none")
-
-    def get_extra_state(self):
-        return {
-            "has_memory": self.memory is not None,
-            "num_classes": None if self.memory is None else self.memory.row_shape[0],
-        }
-
-    def set_extra_state(self, state) -> None:
-        if state["has_memory"]:
-            self._memory(state["num_classes"])
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, lam={self.lam}, clamp={self.clamp}"
