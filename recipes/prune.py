@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.common import (
+    CLASSIFIER_DEMO,
     common_parser,
     deep_merge,
     is_global_zero,
@@ -43,14 +44,8 @@ from recipes.common import (
 )
 
 DEFAULTS: dict[str, Any] = {
+    **copy.deepcopy(CLASSIFIER_DEMO),
     "method": "el2n",
-    "data": "fashion_mnist",
-    "data_args": {"batch_size": 128, "train_subset": 10000, "val_split": 2000},
-    "student": "convnet",
-    "student_args": {"width": 16},
-    "epochs": 10,
-    "optimizer": {"name": "adam", "lr": 0.002},
-    "scheduler": {"name": "cosine"},
     "terms": {"ce": {"loss": "cross_entropy"}},
     "selector_args": {},
     "keep": [0.5],

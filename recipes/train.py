@@ -13,12 +13,14 @@ classification by default).
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from recipes.common import (
+    CLASSIFIER_DEMO,
     common_parser,
     list_names,
     mean_std,
@@ -29,14 +31,8 @@ from recipes.common import (
 )
 
 DEFAULTS: dict[str, Any] = {
+    **copy.deepcopy(CLASSIFIER_DEMO),
     "method": "cross_entropy",
-    "data": "fashion_mnist",
-    "data_args": {"batch_size": 128, "train_subset": 10000, "val_split": 2000},
-    "student": "convnet",
-    "student_args": {"width": 16},
-    "epochs": 10,
-    "optimizer": {"name": "adam", "lr": 0.002},
-    "scheduler": {"name": "cosine"},
     "terms": None,
     "method_args": {},
     "seeds": [0],
