@@ -37,6 +37,7 @@ NESTED = {
     "optimizer": "optimizer",
     "scheduler": "scheduler",
     "selector": "selector_args",
+    "callbacks": "callbacks",
 }
 
 
@@ -105,6 +106,13 @@ def common_parser(prog: str, description: str, method_flag: str) -> argparse.Arg
     p.add_argument("--out", help="output directory (results.json, TensorBoard logs, checkpoints)")
     p.add_argument("--config", help="YAML file of options (overrides the method's config)")
     p.add_argument("--fast", action="store_true", help="tiny subset, one epoch: the smoke test")
+    p.add_argument(
+        "--callbacks",
+        help="comma-separated registered callbacks to attach (options: --callbacks.NAME.KEY VALUE)",
+    )
+    p.add_argument(
+        "--optimizer", dest="optimizer_name", help="optimizer by name (options: --optimizer.KEY VALUE)"
+    )
     return p
 
 
@@ -158,6 +166,10 @@ def resolve_config(
         "out": args.out,
     }
     given = {k: v for k, v in flags.items() if v is not None}
+    if getattr(args, "callbacks", None):
+        given["callbacks"] = {n.strip(): {} for n in args.callbacks.split(",") if n.strip()}
+    if getattr(args, "optimizer_name", None):
+        given["optimizer"] = {"name": args.optimizer_name}
     if args.seeds:
         given["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
     elif args.seed is not None:
@@ -169,10 +181,27 @@ def resolve_config(
     return merge_layer(cfg, overrides)
 
 
+def config_callbacks(cfg: Mapping[str, Any]) -> list[Any]:
+    """The callbacks a config names (`callbacks: {NAME: {options}}`, or `--callbacks a,b`), built
+    from the registry (kind "callback")."""
+    from toolkit import registry
+
+    return [
+        registry.build("callback", name, **(kw or {})) for name, kw in (cfg.get("callbacks") or {}).items()
+    ]
+
+
 def make_trainer(
-    cfg: dict[str, Any], out: Path, name: str, epochs: int, checkpoints: bool = True, **extra: Any
+    cfg: dict[str, Any],
+    out: Path,
+    name: str,
+    epochs: int,
+    checkpoints: bool = True,
+    with_callbacks: bool = True,
+    **extra: Any,
 ):
-    """A Trainer with TensorBoard logs under OUT/tb/NAME and checkpoints under OUT/checkpoints/NAME."""
+    """A Trainer with TensorBoard logs under OUT/tb/NAME and checkpoints under OUT/checkpoints/NAME,
+    and (unless `with_callbacks=False`: e.g. a teacher's training) the config's callbacks."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -195,6 +224,8 @@ def make_trainer(
         kw["enable_checkpointing"] = False
     kw.update(extra)
     kw.update(cfg.get("trainer", {}))
+    if with_callbacks:  # before the checkpoint callback, as Lightning orders them
+        kw["callbacks"] = [*config_callbacks(cfg), *kw["callbacks"]]
     return L.Trainer(**kw)
 
 

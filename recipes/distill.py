@@ -150,7 +150,12 @@ def _member_net(cfg: dict[str, Any], dm, out: Path, seed: int):
         scheduler=tt.get("scheduler"),
     )
     trainer = make_trainer(
-        cfg, out, "teacher" if not seed else f"teacher{seed}", tt["epochs"], checkpoints=False
+        cfg,
+        out,
+        "teacher" if not seed else f"teacher{seed}",
+        tt["epochs"],
+        checkpoints=False,
+        with_callbacks=False,
     )
     trainer.fit(module, datamodule=tdm)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +191,7 @@ def get_teacher(cfg: dict[str, Any], dm, out: Path) -> tuple[Any, float]:
         members = [_member_net(cfg, dm, out, seed) for seed in range(count)]
         teacher = Teacher([net for net, _ in members], combine=combine)
         module = members[0][1] if count == 1 else ClassificationModule(teacher, num_classes=num_classes)
-    trainer = make_trainer(cfg, out, "teacher_eval", 1, checkpoints=False, logger=False)
+    trainer = make_trainer(cfg, out, "teacher_eval", 1, checkpoints=False, logger=False, with_callbacks=False)
     return teacher, test_accuracy(trainer, module, dm)
 
 
@@ -219,9 +224,6 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
         dm = build_data(c["data"], c["data_args"], seed=seed)
         module = make_module(c, dm)
         trainer = make_trainer(c, out, f"{name}_seed{seed}", c["epochs"])
-        trainer.callbacks.extend(
-            registry.build("callback", cb, **(kw or {})) for cb, kw in (c.get("callbacks") or {}).items()
-        )
         with Timer() as t:
             trainer.fit(module, datamodule=dm)
         run = runs.setdefault(name, {"acc": [], "seconds": []})

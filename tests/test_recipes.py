@@ -347,3 +347,35 @@ def test_every_distiller_runs_on_digits_fast(method, tmp_path):
     assert res["method"] == method and res["data"] == "digits"
     assert 0 <= res["student_acc"] <= 1 and 0 <= res["baseline_acc"] <= 1
     assert (tmp_path / "results.json").exists()
+
+
+def test_callbacks_and_optimizer_flags_reach_every_recipe_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = train.main(
+        [
+            "--data",
+            "digits",
+            "--fast",
+            "--callbacks",
+            "knn_probe",
+            "--callbacks.knn_probe.k",
+            "5",
+            "--optimizer",
+            "adamw",
+            "--optimizer.lr",
+            "0.001",
+            "--out",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    assert res["config"]["callbacks"] == {"knn_probe": {"k": 5}}
+    assert res["config"]["optimizer"] == {"name": "adamw", "lr": 0.001}
+    tags = set()
+    for events in (tmp_path / "tb").rglob("events.out.tfevents*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert "val/knn_acc" in tags
+    with pytest.raises(KeyError, match="unknown callback 'knn_prob'"):
+        train.main(["--data", "digits", "--fast", "--callbacks", "knn_prob", "--out", str(tmp_path / "x")])
