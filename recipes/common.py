@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -24,6 +25,23 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, except that exponent floats without a dot (`1e-4`, `5E3`) are floats:
+    YAML 1.1 reads them as strings, so `--optimizer.lr 1e-4` would reach the optimiser as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
 
 # dotted flag prefix -> config key holding that mapping
 NESTED = {
@@ -86,7 +104,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at top level")
     return data
@@ -142,7 +160,7 @@ def parse(
         parts = sub.split(".")
         for part in parts[:-1]:
             target = target.setdefault(part, {})
-        target[parts[-1]] = yaml.safe_load(value)
+        target[parts[-1]] = yaml_load(value)
     return args, overrides
 
 

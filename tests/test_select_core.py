@@ -507,3 +507,31 @@ def test_split_seed_fixes_the_data_set_while_the_seed_varies_the_run():
     assert torch.equal(again.train_targets, b.train_targets)  # the same noisy labels
     sa, sb = IndexSampler(list(range(10)), seed=a.seed), IndexSampler(list(range(10)), seed=b.seed)
     assert list(sa) != list(sb)  # the order still follows the run seed
+
+
+def test_train_recipe_attaches_a_selector_on_noisy_labels(tmp_path):
+    from recipes import train
+
+    res = train.main(
+        [
+            "--selector",
+            "elr",
+            "--selector.lam",
+            "2.0",
+            "--noisy-labels",
+            "0.4",
+            "--data",
+            "digits",
+            "--fast",
+            "--out",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    assert res["selector"] == "elr" and res["label_noise"] == 0.4
+    assert res["config"]["selector_args"] == {"beta": 0.7, "lam": 2.0}  # the prune config's, overridden
+    assert res["extra_per_seed"][0]["label_noise"] == 0.4
+    assert "cross_entropy + elr" in (tmp_path / "results.md").read_text()
+    with pytest.raises(KeyError, match="unknown selector 'elrr'"):
+        train.main(["--selector", "elrr", "--data", "digits", "--fast", "--out", str(tmp_path / "x")])

@@ -203,7 +203,7 @@ class KNNProbe(Callback):
             train_set = getattr(dm, "train_set", None) if dm is not None else None
             if train_set is None:
                 raise ValueError(
-                    "KNNProbe needs training data: use a toolkit DataModule (it reads its train_set) or give "
+                    f"{type(self).__name__} needs training data: use a toolkit DataModule (it reads its train_set) or give "
                     "train_dataloader=..."
                 )
             batch_size = getattr(dm, "eval_batch_size", 256)
@@ -213,7 +213,7 @@ class KNNProbe(Callback):
         if val is None:
             if dm is None or not hasattr(dm, "val_dataloader"):
                 raise ValueError(
-                    "KNNProbe needs validation data: use a DataModule or give val_dataloader=..."
+                    f"{type(self).__name__} needs validation data: use a DataModule or give val_dataloader=..."
                 )
             val = dm.val_dataloader()
         return train, val
@@ -223,7 +223,9 @@ class KNNProbe(Callback):
         for raw in loader:
             batch = as_batch(raw)
             if batch.target is None:
-                raise ValueError("KNNProbe needs labelled batches (targets) to probe the embeddings")
+                raise ValueError(
+                    f"{type(self).__name__} needs labelled batches (targets) to probe the embeddings"
+                )
             x = pl_module.transfer_batch_to_device(batch, pl_module.device, 0).input
             emb = self._embedding(pl_module, x)
             xs.append(emb.detach().float())
@@ -239,18 +241,22 @@ class KNNProbe(Callback):
             return self.embedding_fn(pl_module, x)
         model = getattr(pl_module, "model", None)
         if model is None:
-            raise ValueError("KNNProbe: the module has no `model`; give embedding_fn=fn(pl_module, x)")
+            raise ValueError(
+                f"{type(self).__name__}: the module has no `model`; give embedding_fn=fn(pl_module, x)"
+            )
         emb = forward_output(model, x).embedding
         if emb is None:
             raise ValueError(
-                "KNNProbe: the model gives no penultimate embedding (timm-style forward_features/forward_head "
+                f"{type(self).__name__}: the model gives no penultimate embedding (timm-style forward_features/forward_head "
                 "needed); give embedding_fn=fn(pl_module, x)"
             )
         return emb.flatten(1)
 
     # -- the probe ------------------------------------------------------------------------
-    def probe(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
-        """Embed the data and return {"knn_acc", "linear_probe_acc"} (the latter if enabled)."""
+    def embeddings(self, trainer: L.Trainer, pl_module: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(train_x, train_y, val_x, val_y): the frozen embeddings of the training data (in order,
+        at most `max_train_samples`) and of the validation data, computed in eval mode without
+        gradients under a forked random state; the module's train/eval mode is restored."""
         train_loader, val_loader = self._loaders(trainer)
         device = pl_module.device
         devices = [device.index or 0] if device.type == "cuda" else []
@@ -262,6 +268,11 @@ class KNNProbe(Callback):
                 val_x, val_y = self._embed(pl_module, val_loader)
         finally:
             pl_module.train(was_training)
+        return train_x, train_y, val_x, val_y
+
+    def probe(self, trainer: L.Trainer, pl_module: Any) -> dict[str, float]:
+        """Embed the data and return {"knn_acc", "linear_probe_acc"} (the latter if enabled)."""
+        train_x, train_y, val_x, val_y = self.embeddings(trainer, pl_module)
         num_classes = getattr(pl_module, "num_classes", None) or int(max(train_y.max(), val_y.max())) + 1
         out = {
             "knn_acc": (knn_predict(train_x, train_y, val_x, self.k, num_classes, self.metric) == val_y)

@@ -106,6 +106,14 @@ class ClassificationDataModule(L.LightningDataModule):
             label noise) apart from the run (`seed`: shuffling, augmentation), so runs with
             several seeds can share one training set (data pruning: scores keyed by sample index
             must cover the same samples). Default: `seed`.
+        domains: a domain id for every sample of the train pool, for methods that compare
+            domains (`hessian_alignment`): an int K (each pool sample drawn into one of K
+            domains, balanced, seeded by `split_seed`/`seed`: synthetic domains, for trying a
+            method), a sequence / tensor of ids (one per pool sample, in pool order, e.g. the
+            hospital or camera of each image), or a callable rule `fn(pool_targets) -> ids`.
+            Batches are unchanged (`Batch(input, target, index)`): after `setup`,
+            `domain_ids[index]` (or `domain_of(batch.index)`) gives each sample's domain and
+            `num_domains` their count. None (default): no domains.
     """
 
     name = "classification"
@@ -131,8 +139,16 @@ class ClassificationDataModule(L.LightningDataModule):
         samples_per_class: int | None = None,
         label_noise: float = 0.0,
         split_seed: int | None = None,
+        domains: Any = None,
     ) -> None:
         super().__init__()
+        if isinstance(domains, bool) or (isinstance(domains, int) and domains < 1):
+            raise ValueError(
+                f"domains must be an int K >= 1, one id per train-pool sample, or a callable rule; got {domains!r}"
+            )
+        self.domains = domains
+        self.domain_ids: Tensor | None = None
+        self.num_domains: int | None = None
         if isinstance(label_noise, bool) or not 0 <= label_noise < 1:
             raise ValueError(
                 f"label_noise must be a fraction in [0, 1) of training labels to corrupt, got {label_noise!r}"
@@ -195,6 +211,8 @@ class ClassificationDataModule(L.LightningDataModule):
         check_targets(splits.pool_targets, self.num_classes, f"{self.name} training data")
         check_targets(splits.test_targets, self.num_classes, f"{self.name} test data")
         n = len(splits.pool_targets)
+        if self.domains is not None:
+            self._set_domains(splits.pool_targets)
         g = torch.Generator().manual_seed(self.data_seed)
         perm = torch.randperm(n, generator=g)
         n_val = _split_sizes(n, self.val_split, "val_split") if self.val_split else 0
@@ -242,6 +260,37 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_set = make(self.train_indices, True, False)
         self.test_set = make(None if test_idx is None else test_idx.sort().values, False, True)
         self.val_set = make(val_idx.sort().values, False, False) if n_val else self.test_set
+
+    def _set_domains(self, pool_targets: Tensor) -> None:
+        """`domain_ids` (one per train-pool sample) and `num_domains` from the `domains` option."""
+        n, spec = len(pool_targets), self.domains
+        if isinstance(spec, int):
+            g = torch.Generator().manual_seed(self.data_seed * 1_000_003 + 104_729)
+            ids = torch.empty(n, dtype=torch.long)
+            ids[torch.randperm(n, generator=g)] = torch.arange(n) % spec
+        else:
+            ids = spec(pool_targets) if callable(spec) else spec
+            ids = torch.as_tensor(ids)
+            if ids.shape != (n,) or ids.is_floating_point() or ids.is_complex():
+                raise ValueError(
+                    f"domains must give one integer domain id per train-pool sample ({n} samples in pool order), "
+                    f"got {ids.dtype} of shape {tuple(ids.shape)}"
+                )
+            ids = ids.long()
+            if n and int(ids.min()) < 0:
+                raise ValueError(f"domain ids must be >= 0, found {int(ids.min())}")
+        self.domain_ids = ids
+        self.num_domains = int(ids.max()) + 1 if n else 0
+
+    def domain_of(self, index: Tensor) -> Tensor:
+        """The domain id of each sample index (`Batch.index`), on the index's device."""
+        self.setup("fit")
+        if self.domain_ids is None:
+            raise ValueError(
+                f"{type(self).__name__} has no domains: build it with domains=K (synthetic), a list of "
+                "per-sample domain ids, or a rule fn(pool_targets) -> ids"
+            )
+        return self.domain_ids.to(index.device)[index.long()]
 
     def _noisy_labels(self, train_idx: Tensor, pool_size: int) -> Tensor:
         """Symmetric label noise on the training split (as ELR's code, `symmetric_noise`): exactly
