@@ -13,8 +13,8 @@ process, so the ratios compare like with like:
 - `train_step` (the reference): train mode, forward, cross-entropy, backward and an SGD step
   with momentum, as a training step does;
 - `el2n`, `grand_last_layer`, `grand_vmap`, `grand_loop`: the scorer's `pass_batch` under the
-  scoring pass's conditions (`DataPruning.scoring_pass`: eval mode, `torch.no_grad()`; gradient
-  scorers enable gradients themselves), `grand` with each strategy (`strategy="vmap"`, chunks of
+  scoring pass's conditions (`scoring_mode`, as `DataPruning.scoring_pass`: eval mode,
+  `torch.no_grad()`, channels-last conv weights; gradient scorers enable gradients themselves), `grand` with each strategy (`strategy="vmap"`, chunks of
   `--chunk-size`, and `strategy="loop"`, one backward per sample).
 
 Each case is warmed up once, then timed `--repeats` times per round; the rounds run the cases in
@@ -55,6 +55,7 @@ def make_cases(args: argparse.Namespace):
 
     from toolkit.modules import ClassificationModule
     from toolkit.selection import EL2NScorer, GraNdLastLayerScorer, GraNdScorer
+    from toolkit.selection.scorer import scoring_mode
     from toolkit.types import Batch
 
     torch.manual_seed(0)
@@ -77,14 +78,9 @@ def make_cases(args: argparse.Namespace):
 
     def scoring(scorer):
         def run() -> None:
-            was = model.training
-            model.eval()
             scorer.begin_pass()
-            try:
-                with torch.no_grad():
-                    scorer.pass_batch(model, batch)
-            finally:
-                model.train(was)
+            with scoring_mode(model):  # what DataPruning.scoring_pass does
+                scorer.pass_batch(model, batch)
 
         return run
 

@@ -535,3 +535,27 @@ def test_train_recipe_attaches_a_selector_on_noisy_labels(tmp_path):
     assert "cross_entropy + elr" in (tmp_path / "results.md").read_text()
     with pytest.raises(KeyError, match="unknown selector 'elrr'"):
         train.main(["--selector", "elrr", "--data", "digits", "--fast", "--out", str(tmp_path / "x")])
+
+
+def test_scoring_mode_uses_channels_last_weights_and_restores_everything():
+    from toolkit.selection import scoring_mode
+
+    module = classifier(width=8)
+    model = module.model
+    model.train()
+    params = list(model.parameters())
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        model.eval()
+        plain = model(x)
+        model.train()
+    with scoring_mode(model):
+        assert not model.training and not torch.is_grad_enabled()
+        conv = next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-6)
+    assert model.training and torch.is_grad_enabled()
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(a is b for a, b in zip(params, model.parameters()))  # the same Parameter objects
+    with scoring_mode(model, channels_last=False):
+        assert all(p.is_contiguous() for p in model.parameters())

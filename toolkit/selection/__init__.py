@@ -9,7 +9,7 @@ from toolkit.selection.grand import GraNdLastLayerScorer, GraNdScorer
 from toolkit.selection.loss_reweighting import LossReweighting
 from toolkit.selection.pruning import DataPruning, pruning_selector
 from toolkit.selection.random import RandomScorer
-from toolkit.selection.scorer import PassScorer, Scorer, scoring_model
+from toolkit.selection.scorer import PassScorer, Scorer, scoring_mode, scoring_model
 from toolkit.selection.scores import SampleScores
 from toolkit.selection.vog import VoGScorer
 from toolkit.selection.weighting import SampleWeighting
@@ -33,5 +33,6 @@ __all__ = [
     "VoGScorer",
     "ZipFitScorer",
     "pruning_selector",
+    "scoring_mode",
     "scoring_model",
 ]

@@ -16,6 +16,8 @@ as one that never stopped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -31,6 +33,34 @@ def scoring_model(pl_module: L.LightningModule) -> nn.Module:
     distillation module), else the LightningModule itself (its `forward` gives the logits)."""
     model = getattr(pl_module, "model", None)
     return model if isinstance(model, nn.Module) else pl_module
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(
+        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights
+    )
+
+
+@contextmanager
+def scoring_mode(model: nn.Module, channels_last: bool = True) -> Iterator[None]:
+    """The conditions of a scoring pass: eval mode, no autograd graph (gradient scorers enable it
+    themselves), and, for convolutional nets, channels-last weights (on CPU the NCHW max-pool
+    kernel alone took half of a convnet's forward; channels-last made the whole pass 2-3x faster).
+    Everything is restored afterwards: the train/eval flag and the weights' memory format (the
+    Parameter objects are kept, so optimisers and DDP keep their references)."""
+    was_training = model.training
+    convert = channels_last and any(p.dim() == 4 for p in model.parameters()) and not _is_channels_last(model)
+    model.eval()
+    if convert:
+        model.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if convert:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
 
 
 class Scorer:
