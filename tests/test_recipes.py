@@ -239,6 +239,11 @@ def test_every_config_resolves_and_builds(path):
     elif cfg.get("task", "classification") == "classification":
         built = ClassificationModule(cfg["student"], loss=train.loss_terms(cfg), **kw)
         assert cfg["method"] in registry.names("loss")
+        from recipes.common import config_callbacks
+        from toolkit.optim import build_optimizer
+
+        config_callbacks(cfg)  # the callbacks a config names exist and take its options
+        build_optimizer(built.parameters(), cfg.get("optimizer"))
     else:  # another task builds its own module: recipes/tasks/<task>.py defines build_module(cfg, data)
         import importlib
 
