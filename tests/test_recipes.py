@@ -384,3 +384,43 @@ def test_callbacks_and_optimizer_flags_reach_every_recipe_run(tmp_path):
     assert "val/knn_acc" in tags
     with pytest.raises(KeyError, match="unknown callback 'knn_prob'"):
         train.main(["--data", "digits", "--fast", "--callbacks", "knn_prob", "--out", str(tmp_path / "x")])
+
+
+def test_train_recipe_with_saliency_calibration_and_curvature_callbacks_writes_images_and_scalars(tmp_path):
+    """The issue's evidence command, on digits: images and scalars land in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.main(
+        [
+            "--data",
+            "digits",
+            "--fast",
+            "--callbacks",
+            "grad_cam,calibration,hessian_monitor",
+            "--callbacks.grad_cam.num_samples",
+            "4",
+            "--callbacks.hessian_monitor.num_samples",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    scalars, images = set(), {}
+    for events in (tmp_path / "tb").rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        for tag in acc.Tags()["images"]:
+            images[tag] = acc.Images(tag)[-1]
+    assert {
+        "val/ece",
+        "val/temperature",
+        "hessian/trace",
+        "hessian/eig_1",
+        "hessian/stability_threshold",
+    } <= scalars
+    assert "saliency/grad_cam" in images and "val/reliability_diagram" in images
+    grid = images["saliency/grad_cam"]
+    assert grid.width > 0 and grid.height > 0
+    assert list(tmp_path.rglob("saliency/grad_cam/*.png")) and list(tmp_path.rglob("reliability_val.png"))
