@@ -13,6 +13,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path_factory.getbasetemp() / "toolkit-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (many tiny ops: threads only wait on a busy
+    machine), restored afterwards: a module-level `torch.set_num_threads` would leak into every
+    later test, including ones that compare against a subprocess running with the default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def digits():
     from toolkit.data import DigitsDataModule

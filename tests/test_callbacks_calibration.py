@@ -43,7 +43,7 @@ from toolkit.models.output import forward_output
 from toolkit.modules import ClassificationModule
 from toolkit.types import as_batch
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # restored after the module
 
 
 def events(path):

@@ -42,7 +42,7 @@ from toolkit.models import create_model
 from toolkit.modules import ClassificationModule
 from toolkit.types import as_batch
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # restored after the module
 
 
 def convnet(seed=0):

@@ -12,7 +12,7 @@ from toolkit import build
 from toolkit.modules import ClassificationModule
 from toolkit.optim import CLASSP, DiffGrad, Lion, build_optimizer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # restored after the module
 
 
 def grads(n, shape, seed=0, scale=1.0):
