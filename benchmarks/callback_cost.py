@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def epoch_seconds(name: str | None, args: argparse.Namespace) -> float:
     timer = EpochTimer()
     callbacks = [] if name is None else [build("callback", name, **callback_options(name))]
     trainer = L.Trainer(
+        default_root_dir=args.root,  # the callbacks' PNG files go there, not into the working directory
         max_epochs=args.epochs,
         accelerator="cpu",
         devices=1,
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     args.data = "digits" if args.quick else "fashion_mnist"
     names = [n for n in (args.callbacks or "").split(",") if n] or registry.names("callback")
+    args.root = tempfile.mkdtemp(prefix="callback_cost_")
     best: dict[str, float] = {}
     for r in range(args.rounds):
         order = [None, *names] if r % 2 == 0 else [*reversed(names), None]
