@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -88,6 +89,7 @@ def merge_layer(cfg: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]
     the layer's own arguments for the new one are kept), and a layer's `terms` replace the previous ones (a terms block is the
     whole loss: merging would keep terms of another method)."""
     cfg = copy.deepcopy(cfg)
+    layer = lift_trainer_callbacks(dict(layer))  # every spelling of callbacks merges by name
     if "terms" in layer:
         cfg.pop("terms", None)
     for key, args_key in (("student", "student_args"), ("data", "data_args")):
@@ -199,14 +201,82 @@ def resolve_config(
     return merge_layer(cfg, overrides)
 
 
-def config_callbacks(cfg: Mapping[str, Any]) -> list[Any]:
-    """The callbacks a config names (`callbacks: {NAME: {options}}`, or `--callbacks a,b`), built
-    from the registry (kind "callback")."""
+def callback_entries(spec: Any, where: str) -> dict[str, dict[str, Any]]:
+    """`{key: options}` from the spellings a config may use for its callbacks: a mapping
+    `{NAME: {options}}`, a list of `NAME` / `{NAME: {options}}` items, or LightningCLI's
+    `{class_path: pkg.mod.Class, init_args: {...}}` items (the key is then the class path)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        if "class_path" in spec:
+            spec = [spec]
+        else:
+            spec = [{name: opts} for name, opts in spec.items()]
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if not isinstance(spec, list):
+        raise ValueError(f"{where} must be a mapping or a list of callbacks, got {type(spec).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for item in spec:
+        if isinstance(item, str):
+            key, opts = item, {}
+        elif isinstance(item, Mapping) and "class_path" in item:
+            extra = set(item) - {"class_path", "init_args"}
+            if extra:
+                raise ValueError(f"{where}: unknown keys {sorted(extra)} beside class_path (use init_args)")
+            key, opts = str(item["class_path"]), item.get("init_args") or {}
+        elif isinstance(item, Mapping) and len(item) == 1:
+            key, opts = next(iter(item.items()))
+            opts = opts or {}
+        else:
+            raise ValueError(
+                f"{where}: each callback is a NAME, a {{NAME: {{options}}}} mapping or a "
+                f"{{class_path: ..., init_args: {{...}}}} mapping, got {item!r}"
+            )
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"{where}: the options of callback {key!r} must be a mapping, got {opts!r}")
+        out[str(key)] = dict(opts)
+    return out
+
+
+def lift_trainer_callbacks(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Move `trainer.callbacks` (the spelling of Lightning's own YAML) into the config's `callbacks`
+    block, so both spellings build the same callbacks and the Trainer never receives raw names."""
+    trainer = cfg.get("trainer")
+    lift = isinstance(trainer, Mapping) and "callbacks" in trainer
+    if not lift and "callbacks" not in cfg:
+        return cfg
+    cfg = dict(cfg)
+    lifted = {}
+    if lift:
+        trainer = dict(trainer)
+        lifted = callback_entries(trainer.pop("callbacks"), "trainer.callbacks")
+        cfg["trainer"] = trainer
+    cfg["callbacks"] = {**callback_entries(cfg.get("callbacks"), "callbacks"), **lifted}
+    return cfg
+
+
+def build_callback(key: str, options: Mapping[str, Any]) -> Any:
+    """A registered callback by name, or (a dotted key) a class imported from its path."""
     from toolkit import registry
 
-    return [
-        registry.build("callback", name, **(kw or {})) for name, kw in (cfg.get("callbacks") or {}).items()
-    ]
+    if "." not in key:
+        return registry.build("callback", key, **options)
+    module_name, _, class_name = key.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            f"callback class_path {key!r} cannot be imported ({e}); give a module path and class name"
+        ) from e
+    return cls(**options)
+
+
+def config_callbacks(cfg: Mapping[str, Any]) -> list[Any]:
+    """The callbacks a config names (`callbacks: {NAME: {options}}`, `trainer.callbacks: [...]`,
+    or `--callbacks a,b`), built from the registry (kind "callback") or from a class path."""
+    entries = callback_entries(lift_trainer_callbacks(dict(cfg)).get("callbacks"), "callbacks")
+    return [build_callback(key, opts) for key, opts in entries.items()]
 
 
 def make_trainer(
@@ -241,6 +311,7 @@ def make_trainer(
     else:
         kw["enable_checkpointing"] = False
     kw.update(extra)
+    cfg = lift_trainer_callbacks(cfg)
     kw.update(cfg.get("trainer", {}))
     if with_callbacks:  # before the checkpoint callback, as Lightning orders them
         kw["callbacks"] = [*config_callbacks(cfg), *kw["callbacks"]]

@@ -386,6 +386,61 @@ def test_callbacks_and_optimizer_flags_reach_every_recipe_run(tmp_path):
         train.main(["--data", "digits", "--fast", "--callbacks", "knn_prob", "--out", str(tmp_path / "x")])
 
 
+def test_trainer_callbacks_in_yaml_build_the_same_callbacks_as_the_callbacks_block(tmp_path):
+    """Lightning's own spelling, `trainer: {callbacks: [...]}`, with names, options and class paths."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from recipes.common import common_parser, config_callbacks, make_trainer, parse, resolve_config
+    from toolkit.callbacks import KNNProbe
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - knn_probe\n"
+        "    - calibration: {n_bins: 7}\n"
+        "    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+        "      init_args: {monitor: val/acc, patience: 3, mode: max}\n"
+    )
+    args, overrides = parse(
+        common_parser("x", "y", "method"), ["--config", str(config), "--callbacks.knn_probe.k", "5"]
+    )
+    cfg = resolve_config(train.DEFAULTS, "train", args, overrides)
+    assert "callbacks" not in cfg["trainer"]
+    assert cfg["callbacks"] == {
+        "knn_probe": {"k": 5},
+        "calibration": {"n_bins": 7},
+        "lightning.pytorch.callbacks.EarlyStopping": {"monitor": "val/acc", "patience": 3, "mode": "max"},
+    }
+    trainer = make_trainer(cfg, tmp_path, "run", epochs=1, checkpoints=False)
+    probe = next(cb for cb in trainer.callbacks if isinstance(cb, KNNProbe))
+    stop = next(cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping))
+    assert probe.k == 5 and stop.patience == 3 and stop.monitor == "val/acc"
+    # a config that was never resolved still reaches the Trainer without raw names
+    raw = {"trainer": {"callbacks": {"knn_probe": {"k": 3}}}}
+    assert [type(cb) for cb in config_callbacks(raw)] == [KNNProbe]
+    assert any(
+        isinstance(cb, KNNProbe) for cb in make_trainer(raw, tmp_path, "raw", 1, checkpoints=False).callbacks
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"trainer": {"callbacks": ["knn_prob"]}}, "unknown callback 'knn_prob'"),
+        ({"trainer": {"callbacks": [3]}}, "each callback is a NAME"),
+        ({"trainer": {"callbacks": [{"knn_probe": 5}]}}, "options of callback 'knn_probe' must be a mapping"),
+        ({"trainer": {"callbacks": [{"class_path": "nowhere.Callback"}]}}, "cannot be imported"),
+        ({"trainer": {"callbacks": [{"class_path": "a.B", "args": {}}]}}, "use init_args"),
+    ],
+)
+def test_trainer_callbacks_bad_entries_say_what_to_write(spec, match):
+    from recipes.common import config_callbacks
+
+    with pytest.raises((KeyError, ValueError), match=match):
+        config_callbacks(spec)
+
+
 def test_train_recipe_with_saliency_calibration_and_curvature_callbacks_writes_images_and_scalars(tmp_path):
     """The issue's evidence command, on digits: images and scalars land in TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
