@@ -198,6 +198,7 @@ class ReparamCallback(Callback):
         self.fold_on_fit_end = bool(fold_on_fit_end)
         self.applied: list[str] = []
         self._folded: set[int] = set()
+        self._hooked: set[int] = set()
 
     # -- to implement ---------------------------------------------------------------------
     def make(self, path: str, weight: Tensor) -> nn.Module:  # pragma: no cover - abstract
@@ -233,6 +234,38 @@ class ReparamCallback(Callback):
         net = self.network(pl_module)
         if id(net) not in self._folded:
             self.apply(net)
+        self._stage = stage
+        if id(net) not in self._hooked:
+            net._register_load_state_dict_pre_hook(self._folded_weights_hook, with_module=True)
+            self._hooked.add(id(net))
+
+    def _folded_weights_hook(
+        self, net: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        """A checkpoint written after `fold_on_fit_end` holds plain weights for the reparameterised
+        layers. Evaluating it (validate/test/predict) folds the same layers here, so it loads into the
+        model it was exported as; resuming training from it is refused: the reparameterised state is
+        gone, and training on without it would silently be another method."""
+        root = unwrap(net)
+        plain = [
+            path
+            for path in reparametrized(root, self.kind)
+            if f"{prefix}{path}.weight" in state_dict
+            and f"{prefix}{path}.parametrizations.weight.original" not in state_dict
+        ]
+        if not plain:
+            return
+        if getattr(self, "_stage", None) == "fit":
+            raise ValueError(
+                f"{self.name}: the checkpoint holds plain (folded) weights for {plain}, written after "
+                "fold_on_fit_end folded them; resume from a checkpoint written during training (e.g. "
+                "last.ckpt), or load these weights into a model without this callback"
+            )
+        for path in plain:
+            module = root.get_submodule(path)
+            with torch.no_grad():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self.applied = sorted(reparametrized(root, self.kind))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.fold_on_fit_end:
