@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from toolkit.utils.paths import cache_dir  # noqa: F401 (re-exported for the recipes)
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -57,7 +59,13 @@ NESTED = {
     "scheduler": "scheduler",
     "selector": "selector_args",
     "callbacks": "callbacks",
+    "speed": "speed",
 }
+
+# Speed switches (opt-in; `speed:` in a config, `--speed.KEY VALUE`): see `speed_layer`.
+PRECISIONS = ("bf16-mixed", "16-mixed", "32")
+# --teacher-precision VALUE -> the Teacher precision it sets: weights and forward in that dtype
+TEACHER_PRECISIONS = {"bf16": "bf16-true", "16": "16-true", "32": "32"}
 
 
 # The single-model demonstration of recipes.train and recipes.prune: a small convnet on 10k
@@ -112,7 +120,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def common_parser(prog: str, description: str, method_flag: str) -> argparse.ArgumentParser:
+def common_parser(
+    prog: str, description: str, method_flag: str, teacher: bool = False
+) -> argparse.ArgumentParser:
+    """The flags every recipe shares; `teacher=True` adds the teacher's speed switches."""
     p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     p.add_argument("--list", action="store_true", help="print the registered names, one per line, and exit")
     p.add_argument(f"--{method_flag}", dest="method", help=f"{method_flag} name (see --list)")
@@ -133,7 +144,68 @@ def common_parser(prog: str, description: str, method_flag: str) -> argparse.Arg
     p.add_argument(
         "--optimizer", dest="optimizer_name", help="optimizer by name (options: --optimizer.KEY VALUE)"
     )
+    speed = p.add_argument_group("speed switches (opt-in; every run the recipe reports)")
+    speed.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory format for the weights and 4-D inputs of the student (and teacher)",
+    )
+    speed.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the student's forward (options: --speed.compile '{mode: max-autotune}')",
+    )
+    speed.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="the Trainer's precision (same as --trainer.precision); on CPU Lightning runs 16-mixed as "
+        "bf16-mixed, with a warning",
+    )
+    if teacher:
+        speed.add_argument(
+            "--compile-teacher",
+            action="store_true",
+            help="torch.compile the teacher's forward (each network)",
+        )
+        speed.add_argument(
+            "--teacher-precision",
+            choices=sorted(TEACHER_PRECISIONS),
+            help="the teacher's weights and forward in bf16 or fp16 (16), or 32; its outputs reach the loss "
+            "in float32",
+        )
     return p
+
+
+def speed_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """The config layer of the speed flags: `speed: {channels_last, compile, compile_teacher,
+    teacher_precision}` (read by `make_trainer`, which attaches `toolkit.callbacks.SpeedSwitches`)
+    and `trainer: {precision}`. Flags not given leave the config as it is."""
+    speed: dict[str, Any] = {}
+    for flag in ("channels_last", "compile", "compile_teacher"):
+        if getattr(args, flag, False):
+            speed[flag] = True
+    if getattr(args, "teacher_precision", None):
+        speed["teacher_precision"] = TEACHER_PRECISIONS[args.teacher_precision]
+    layer: dict[str, Any] = {"speed": speed} if speed else {}
+    if getattr(args, "precision", None):
+        layer["trainer"] = {"precision": args.precision}
+    return layer
+
+
+def speed_callback(cfg: Mapping[str, Any]) -> Any:
+    """A `SpeedSwitches` callback for the config's `speed:` block, or None when every switch is
+    off. Unknown keys and bad values are errors naming the accepted ones."""
+    spec = cfg.get("speed") or {}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"speed must be a mapping of switches, got {spec!r}")
+    from toolkit.callbacks.speed import SpeedSwitches
+
+    known = ("channels_last", "compile", "compile_teacher", "teacher_precision")
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise ValueError(f"unknown speed switches {unknown}; known: {', '.join(known)}")
+    callback = SpeedSwitches(**spec)
+    return callback if callback.active else None
 
 
 def parse(
@@ -198,6 +270,7 @@ def resolve_config(
     cfg = merge_layer(cfg, given)
     if args.fast:  # shrinks the run, but never overrides what the command line set
         cfg = deep_merge(cfg, {k: v for k, v in fast.items() if k not in given})
+    cfg = merge_layer(cfg, speed_layer(args))  # after --fast: its trainer block must not hide them
     return merge_layer(cfg, overrides)
 
 
@@ -314,16 +387,13 @@ def make_trainer(
     cfg = lift_trainer_callbacks(cfg)
     kw.update(cfg.get("trainer", {}))
     if with_callbacks:  # before the checkpoint callback, as Lightning orders them
-        kw["callbacks"] = [*config_callbacks(cfg), *kw["callbacks"]]
+        speed = speed_callback(cfg)
+        kw["callbacks"] = [*config_callbacks(cfg), *([speed] if speed else []), *kw["callbacks"]]
     return L.Trainer(**kw)
 
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit"))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

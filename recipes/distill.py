@@ -6,6 +6,7 @@
     python -m recipes.distill --compare kd,dkd --seeds 0,1,2   # one table, same teacher and seeds
     python -m recipes.distill --teacher runs/teacher.ckpt --student resnet8x4 --data cifar100 \
         --config recipes/configs/distill/kd_cifar100.yaml --trainer.devices 8 --trainer.strategy ddp
+    python -m recipes.distill --method kd --teacher-cache runs/teacher_cache   # teacher outputs on disk
 
 Without `--teacher`, a teacher is trained on a larger subset (options under `teacher_train`) and
 cached under $TOOLKIT_CACHE/teachers (default ~/.cache/toolkit), keyed by its configuration, so a
@@ -22,11 +23,15 @@ registered callbacks (e.g. `knn_probe`) to every student run; the probe accuraci
 A method whose config lists `stages:` (several generations, a pre-pass, a teacher of its own) runs
 them in order instead of the single "student + METHOD" run, each stage under OUT/stages/<name>/:
 running the same command again skips the finished stages and resumes an interrupted one from its
-last checkpoint (see `recipes/stages.py`).
+last checkpoint (see `recipes/stages.py`). Likewise every finished run (the student alone, or a
+method, for one seed) leaves OUT/runs/<name>_seed<S>.json, keyed by its configuration and the
+teacher's accuracy: running the command again (after an interruption, or with more methods or
+seeds) reads those records instead of training again; a changed configuration trains anew.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ from recipes.common import (
     common_parser,
     fingerprint,
     fmt,
+    is_global_zero,
     list_names,
     make_trainer,
     mean_std,
@@ -61,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     # teacher logits computed once per sample and view, then read back, wherever that is exact
     # (logit-only terms; no augmentation, or augment_views): see toolkit.distill.cache
     "teacher_cache": "auto",
+    # --teacher-cache DIR: the cache on disk instead, reused by later runs (one sub-directory per
+    # seed, stage and set of teacher features: see teacher_cache_args); top-k as TeacherCache
+    "teacher_cache_dir": None,
+    "teacher_cache_top_k": "auto",
     "teacher_train": {
         "model": "convnet",
         "model_args": {"width": 16, "depth": 3},
@@ -109,6 +119,30 @@ def method_terms(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 PROBE_METRICS = ("val/knn_acc", "val/linear_probe_acc")
+
+
+def teacher_cache_args(cfg: dict[str, Any], dm: Any, terms: Any, stage: str | None = None) -> dict[str, Any]:
+    """DistillationModule's cache arguments for one run. Without `teacher_cache_dir`: the in-memory
+    cache as `teacher_cache` says. With it: the cache on disk in DIR/seed<S>[/stage-<name>][/features-
+    <hash>], since a cache holds one training set and augmentation (both follow the seed), one
+    teacher (a stage may have its own) and one set of teacher features; logit-only methods of the
+    same seed share a directory (`--compare kd,dkd` runs the teacher once)."""
+    from toolkit.modules.config import build_terms
+
+    directory = cfg.get("teacher_cache_dir")
+    if not directory:
+        return {"teacher_cache": cfg.get("teacher_cache", False)}
+    path = Path(directory) / f"seed{dm.seed}"
+    if stage is not None:
+        path = path / f"stage-{stage}"
+    tapped = sorted({p for term, _ in build_terms(terms).values() for p in term.teacher_features})
+    if tapped:
+        path = path / f"features-{fingerprint(tapped)[:8]}"
+    return {
+        "teacher_cache": cfg.get("teacher_cache") or "auto",
+        "teacher_cache_dir": str(path),
+        "teacher_cache_top_k": cfg.get("teacher_cache_top_k", "auto"),
+    }
 
 
 def _member_net(cfg: dict[str, Any], dm, out: Path, seed: int):
@@ -220,6 +254,25 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
     stage_records: dict[str, list] = {}  # method -> per seed, the records of its stages
 
     def train_once(name: str, c: dict[str, Any], seed: int, make_module) -> None:
+        # a finished run leaves its record: the same command run again (after an interruption, or
+        # with more methods or seeds) reads it instead of training again
+        record = out / "runs" / f"{name}_seed{seed}.json"
+        ignored = {"seeds", "out", "fast"} | (
+            {"method", "terms", "method_args"} if name == "student" else set()
+        )
+        key = fingerprint(
+            {"config": {k: v for k, v in c.items() if k not in ignored}, "teacher_acc": teacher_acc}
+        )
+        if record.exists():
+            saved = json.loads(record.read_text())
+            if saved.get("key") == key:
+                run = runs.setdefault(name, {"acc": [], "seconds": []})
+                for metric, value in saved["values"].items():
+                    run.setdefault(metric, []).append(value)
+                print(
+                    f"{name} seed {seed}: finished in an earlier run ({record}), accuracy {saved['values']['acc']:.4f}"
+                )
+                return
         L.seed_everything(seed, workers=True, verbose=False)
         dm = build_data(c["data"], c["data_args"], seed=seed)
         module = make_module(c, dm)
@@ -232,6 +285,12 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
                 run.setdefault(metric, []).append(float(trainer.callback_metrics[metric]))
         run["acc"].append(test_accuracy(trainer, module, dm))
         run["seconds"].append(t.seconds)
+        if is_global_zero():
+            latest = {metric: per_seed[-1] for metric, per_seed in run.items()}
+            record.parent.mkdir(parents=True, exist_ok=True)
+            partial = record.with_suffix(".json.partial")
+            partial.write_text(json.dumps({"key": key, "values": latest}, indent=1))
+            partial.replace(record)
 
     def common(c: dict[str, Any], dm) -> dict[str, Any]:
         return {
@@ -263,7 +322,7 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
                     c["student"],
                     teacher,
                     terms=method_terms(c),
-                    teacher_cache=c.get("teacher_cache", False),
+                    **teacher_cache_args(c, dm, method_terms(c)),
                     **common(c, dm),
                 ),
             )
@@ -315,12 +374,17 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    parser = common_parser("python -m recipes.distill", __doc__.splitlines()[0], "method")
+    parser = common_parser("python -m recipes.distill", __doc__.splitlines()[0], "method", teacher=True)
     parser.add_argument(
         "--teacher", help="teacher: checkpoint path, toolkit name, timm:NAME or hf:PATH (default: train one)"
     )
     parser.add_argument(
         "--compare", help="comma-separated methods to run on the same teacher and seeds (one table)"
+    )
+    parser.add_argument(
+        "--teacher-cache",
+        metavar="DIR",
+        help="keep the teacher's outputs on disk under DIR and reuse them in later runs (toolkit.distill.cache)",
     )
     args, overrides = parse(parser, argv)
     if args.list:
@@ -339,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         cfg = resolve_config(DEFAULTS, "distill", args, overrides)
         if args.teacher:
             cfg["teacher"] = args.teacher
+        if args.teacher_cache:
+            cfg["teacher_cache_dir"] = args.teacher_cache
         cfgs.append(cfg)
     return run(cfgs[0], compare=cfgs if methods else None)
 

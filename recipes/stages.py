@@ -359,7 +359,8 @@ def _stage_terms(scfg: Mapping[str, Any], paths: Mapping[str, str]) -> dict[str,
     return _resolve_refs(method_terms(dict(scfg)), paths)
 
 
-def _build_module(scfg: Mapping[str, Any], dm: Any, teacher: Any, terms: Any):
+def _build_module(scfg: Mapping[str, Any], dm: Any, teacher: Any, terms: Any, stage: str | None = None):
+    from recipes.distill import teacher_cache_args
     from toolkit.modules import ClassificationModule, DistillationModule
 
     common = {
@@ -371,7 +372,9 @@ def _build_module(scfg: Mapping[str, Any], dm: Any, teacher: Any, terms: Any):
     }
     if teacher is None:
         return ClassificationModule(scfg["student"], loss=terms, **common)
-    return DistillationModule(scfg["student"], teacher, terms=terms, **common)
+    # a stage's cache on disk only with --teacher-cache DIR (without it, as before: no cache)
+    cache = teacher_cache_args(dict(scfg), dm, terms, stage) if scfg.get("teacher_cache_dir") else {}
+    return DistillationModule(scfg["student"], teacher, terms=terms, **cache, **common)
 
 
 def _run_train(scfg, st, seed, out, sdir, recipe_teacher, paths, extra_callbacks):
@@ -381,7 +384,7 @@ def _run_train(scfg, st, seed, out, sdir, recipe_teacher, paths, extra_callbacks
     dm = build_data(scfg["data"], scfg["data_args"], seed=seed)
     dm.setup("fit")
     teacher = _stage_teacher(st, recipe_teacher, paths, dm.num_classes)
-    module = _build_module(scfg, dm, teacher, _stage_terms(scfg, paths))
+    module = _build_module(scfg, dm, teacher, _stage_terms(scfg, paths), st["name"])
     if st.get("init_from"):
         load_matching(module.model, paths[st["init_from"]])
     checkpoint = _epoch_checkpoint(sdir / "checkpoints" / "last.ckpt")

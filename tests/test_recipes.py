@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,33 @@ def test_compare_runs_methods_on_one_teacher(tmp_path):
     assert (out / "comparison.png").stat().st_size > 1000 and "student + kd" in (
         out / "results.md"
     ).read_text()
+    # run again with one more method: the finished runs are read from their records, only the
+    # new one trains (its TensorBoard run is the only one written)
+    shutil.rmtree(out / "tb")
+    argv = [
+        "--data",
+        "digits",
+        "--fast",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    again = distill.main(["--compare", "kd,dkd", *argv])
+    assert sorted(p.name for p in (out / "tb").iterdir()) == ["dkd_seed0", "dkd_seed1"]
+    assert again["runs"]["kd"]["acc_per_seed"] == res["runs"]["kd"]["acc_per_seed"]
+    assert again["runs"]["student"]["acc_per_seed"] == res["runs"]["student"]["acc_per_seed"]
+    # a changed configuration (here the epochs, which the student alone shares) does not reuse a record
+    shutil.rmtree(out / "tb")
+    distill.main(["--compare", "kd", *argv, "--epochs", "2"])
+    assert sorted(p.name for p in (out / "tb").iterdir()) == [
+        "kd_seed0",
+        "kd_seed1",
+        "student_seed0",
+        "student_seed1",
+    ]
     r = run_module("recipes.distill", "--compare", "kd,kd", "--fast")
     assert r.returncode != 0 and "lists a method twice" in r.stderr
     r = run_module("recipes.distill", "--compare", "kd,dkdx", "--data", "digits", "--fast")

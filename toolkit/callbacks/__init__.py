@@ -22,6 +22,7 @@ from toolkit.callbacks.sigma_reparam import (
     apply_sigma_reparam,
     remove_sigma_reparam,
 )
+from toolkit.callbacks.speed import SpeedSwitches
 from toolkit.callbacks.weight_compander import (
     WeightCompander,
     WeightCompanderCallback,
@@ -47,6 +48,7 @@ __all__ = [
     "SaliencyCallback",
     "SigmaReparam",
     "SigmaReparamCallback",
+    "SpeedSwitches",
     "SmoothGradCAMPlusPlusCallback",
     "TemperatureScaling",
     "WeightCompander",

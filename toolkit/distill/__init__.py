@@ -2,7 +2,7 @@
 
 from toolkit.distill.attention import AttentionTransferLoss
 from toolkit.distill.bdkd import BDKDLoss
-from toolkit.distill.cache import TeacherCache
+from toolkit.distill.cache import TeacherCache, build_teacher_cache
 from toolkit.distill.crkd import CRKDLoss, PadClasses
 from toolkit.distill.dhkd import DHKDLoss
 from toolkit.distill.dkd import DKDLoss
@@ -58,5 +58,6 @@ __all__ = [
     "TeacherCache",
     "Teacher",
     "USKDLoss",
+    "build_teacher_cache",
     "resolve_module",
 ]

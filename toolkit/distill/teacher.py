@@ -3,7 +3,9 @@
 Contract (DESIGN.md §5):
 - parameters frozen, never in the optimiser and never in a checkpoint: the networks are kept out
   of `nn.Module` registration (so `parameters()`, `state_dict()` and DDP never see them), while
-  device/dtype moves (`.to()`, `.cuda()`, `.half()`) still reach them through `_apply`;
+  device/dtype moves (`.to()`, `.cuda()`, `.half()`) still reach them through `_apply`, and a
+  forward on inputs from another device moves them there first (FSDP places only the
+  parameters it sees, never calling `.to()`);
 - always in eval mode: `train()` keeps the networks in eval, so `module.train()` after a
   validation loop cannot switch BatchNorm/Dropout on;
 - forward under `no_grad` (not `inference_mode`: its outputs enter the student's autograd graph);
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,27 @@ from toolkit.models.output import forward_output, num_classes_of
 from toolkit.types import ModelOutput
 
 COMBINES = ("logits", "probs")
+# None/"32": the surrounding precision; "bf16"/"fp16": autocast; "bf16-true"/"16-true": weights
+# stored and forward run in that dtype (half the teacher's memory, no per-step weight casts).
+PRECISIONS = (None, "32", "bf16", "fp16", "bf16-true", "16-true")
+TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def check_teacher_precision(precision: Any) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"teacher precision must be one of {PRECISIONS}, got {precision!r}: 'bf16'/'fp16' autocast the "
+            "teacher's forward, 'bf16-true'/'16-true' cast its weights and inputs"
+        )
+
+
+def _device_of(x: Any) -> torch.device | None:
+    """The device of a tensor input, or of the first tensor of a dict input (tokenised text)."""
+    if isinstance(x, Tensor):
+        return x.device
+    if isinstance(x, Mapping):
+        return next((v.device for v in x.values() if isinstance(v, Tensor)), None)
+    return None
 
 
 class Renormalize:
@@ -51,8 +74,10 @@ class Teacher(nn.Module):
             plain callable `x -> logits` works too.
         input_transform: applied to the batch input before the teacher sees it (e.g.
             `Renormalize(...)` when the teacher was trained with another normalisation).
-        precision: None (run in the surrounding precision) or "bf16"/"fp16": autocast the
-            teacher's forward to that dtype; outputs come back in float32.
+        precision: None or "32" (run in the surrounding precision); "bf16"/"fp16": autocast the
+            teacher's forward to that dtype; "bf16-true"/"16-true": the networks' weights are cast
+            to that dtype and their floating inputs too (half the memory, no per-step casts of
+            the weights; BatchNorm statistics rounded to it). Outputs come back in float32.
         combine: how an ensemble's members are combined: "logits" (mean of logits) or "probs"
             (log of the mean of softmax probabilities).
     """
@@ -70,8 +95,7 @@ class Teacher(nn.Module):
             raise ValueError("Teacher needs at least one network")
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-        if precision not in (None, "bf16", "fp16", "32"):
-            raise ValueError(f"teacher precision must be None, 'bf16', 'fp16' or '32', got {precision!r}")
+        check_teacher_precision(precision)
         for net in nets:
             if isinstance(net, nn.Module):
                 net.requires_grad_(False)
@@ -82,6 +106,41 @@ class Teacher(nn.Module):
         self.precision = precision
         self.combine = combine
         self._taps: list[FeatureTaps] = []
+        self._cast_nets()
+
+    def set_precision(self, precision: str | None) -> None:
+        """Change the precision (values as the constructor's). Leaving a "-true" precision casts
+        the weights back to float32; what the cast rounded stays rounded."""
+        check_teacher_precision(precision)
+        self.precision = precision
+        self._cast_nets()
+
+    def _cast_nets(self) -> None:
+        dtype = TRUE_DTYPES.get(self.precision)
+        for net in self.nets:
+            if not isinstance(net, nn.Module):
+                continue
+            current = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+            if dtype is not None and current != dtype:
+                net.to(dtype)
+            elif dtype is None and current in TRUE_DTYPES.values():
+                net.to(torch.float32)
+
+    def _cast_input(self, x: Any) -> Any:
+        """Floating inputs in the networks' dtype under a "-true" precision (the dtype the weights
+        hold now: a later cast of the whole module, e.g. Lightning's "64-true", is followed)."""
+        if self.precision not in TRUE_DTYPES:
+            return x
+        net = next((n for n in self.nets if isinstance(n, nn.Module)), None)
+        p = next((p for p in net.parameters() if p.is_floating_point()), None) if net is not None else None
+        dtype = p.dtype if p is not None else TRUE_DTYPES[self.precision]
+        if isinstance(x, Tensor):
+            return x.to(dtype) if x.is_floating_point() else x
+        if isinstance(x, Mapping):
+            return {
+                k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in x.items()
+            }
+        return x
 
     # -- nn.Module plumbing ---------------------------------------------------------------
     def _apply(self, fn, recurse=True):  # moves/casts reach the hidden networks
@@ -123,6 +182,25 @@ class Teacher(nn.Module):
         self._taps = [FeatureTaps(n, paths) for n in self.nets] if paths else []
 
     # -- forward --------------------------------------------------------------------------
+    def _follow_device(self, x: Any) -> None:
+        """Move the networks to the input's device if they are elsewhere.
+
+        `.to()` on the LightningModule reaches them through `_apply` (DDP, DeepSpeed stages 1-2),
+        but FSDP places only the parameters it sees (`param.data = ...` over registered
+        submodules; Lightning's FSDP strategy never calls `.to()`), so on GPUs the hidden
+        networks would stay on the CPU while the batches arrive on the GPU. One check of the
+        first parameter per forward; the move happens once. An `input_transform` that moves the
+        input (e.g. to the CPU) decides where the teacher runs."""
+        device = _device_of(x)
+        if device is None:
+            return
+        for net in self.nets:
+            if isinstance(net, nn.Module):
+                p = next(net.parameters(), None)
+                if p is not None and p.device != device:
+                    self.to(device)
+                    return
+
     def _autocast(self, x: Any):
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -135,6 +213,8 @@ class Teacher(nn.Module):
         """Each member's output (float32), with tapped features."""
         if self.input_transform is not None:
             x = self.input_transform(x)
+        self._follow_device(x)
+        x = self._cast_input(x)
         outs = []
         with self._autocast(x):
             for i, net in enumerate(self.nets):

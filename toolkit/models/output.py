@@ -12,9 +12,12 @@ No wrapping: the user's model keeps its module paths (so `FeatureTaps` paths sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from toolkit.types import ModelOutput
@@ -37,8 +40,38 @@ def _is_timm_like(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier"))
 
 
+@dataclass
+class SpeedState:
+    """The speed switches set on one network (see `toolkit.models.speed`)."""
+
+    channels_last: bool = False
+    compiled: Callable[[Any, Any], ModelOutput] | None = None
+    compile_options: dict[str, Any] | None = None
+
+
+# network -> its switches. Weak keys: nothing is stored on the network itself, so its state_dict,
+# pickling and deep copies (an EMA copy of a student) are unchanged; a copy runs eagerly.
+SPEED: weakref.WeakKeyDictionary[nn.Module, SpeedState] = weakref.WeakKeyDictionary()
+
+
 def forward_output(model: Any, x: Any) -> ModelOutput:
-    """Forward `x` through `model` and return a `ModelOutput`."""
+    """Forward `x` through `model` and return a `ModelOutput`.
+
+    A network with speed switches (`toolkit.models.speed`) gets its 4-D inputs in channels-last
+    memory format, and runs the compiled version of this whole function (features, embedding,
+    logits and any FeatureTaps hooks in one graph)."""
+    core = unwrap(model) if isinstance(model, nn.Module) else model
+    state = SPEED.get(core) if isinstance(core, nn.Module) else None
+    if state is not None:
+        if state.channels_last and isinstance(x, Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if state.compiled is not None:
+            return state.compiled(model, x)
+    return eager_forward_output(model, x)
+
+
+def eager_forward_output(model: Any, x: Any) -> ModelOutput:
+    """`forward_output` without the speed switches (what `torch.compile` traces)."""
     core = unwrap(model) if isinstance(model, nn.Module) else model
     if isinstance(core, nn.Module) and _is_timm_like(core) and isinstance(x, Tensor):
         feats = core.forward_features(x)

@@ -35,6 +35,11 @@ class SampleWeighter(Protocol):
     def __call__(self, step: Step, per_sample_loss: Tensor) -> Tensor: ...
 
 
+def _weighted(w: float, value: Tensor) -> Tensor:
+    """w · value, without the multiplication when w is 1 (exact either way)."""
+    return value if w == 1.0 else w * value
+
+
 def _check_term(name: str, term: Any) -> None:
     if not isinstance(term, LossTerm):
         raise TypeError(
@@ -138,7 +143,10 @@ class LossBus:
         b = step.student.logits.shape[0]
         values: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
-        per_sample = torch.zeros(b, device=step.student.logits.device)
+        # Sums start from their first part and skip `1.0 *`: the same values bit for bit as
+        # `zeros + w * x` (0 + x and 1.0 * x are exact), without two tensor ops (and two autograd
+        # nodes) per term and sum, which show on small models.
+        per_sample: Tensor | None = None
         for name, term in self.loss_terms.items():
             w = weight_value(self._term_weights[name], step.progress)
             weights[name] = w
@@ -153,18 +161,22 @@ class LossBus:
                 )
             values[name] = value
             if value.dim() == 1:
-                per_sample = per_sample + w * value.float()
+                part = _weighted(w, value.float())
+                per_sample = part if per_sample is None else per_sample + part
+        if per_sample is None:
+            per_sample = torch.zeros(b, device=step.student.logits.device)
         sample_w = None
         for weighter in self._weighters.values():
             sw = weighter(step, per_sample.detach())
             sample_w = sw if sample_w is None else sample_w * sw
-        total = per_sample.new_zeros(())
+        total: Tensor | None = None
         for name, value in values.items():
             if value.dim() == 1:
                 value = value.float() * sample_w if sample_w is not None else value.float()
-                total = total + weights[name] * value.mean()
+                part = _weighted(weights[name], value.mean())
             else:
-                total = total + weights[name] * value.float()
+                part = _weighted(weights[name], value.float())
+            total = part if total is None else total + part
         return {"loss": total, "per_sample_loss": per_sample, "terms": values, "sample_weights": sample_w}
 
     def log_loss(self, result: dict[str, Any], batch_size: int, prefix: str = "train") -> None:
@@ -172,7 +184,10 @@ class LossBus:
             return
         for name, value in result["terms"].items():
             self.log(f"{prefix}/loss/{name}", value.detach().mean(), batch_size=batch_size)
-        self.log(f"{prefix}/loss", result["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        # On the progress bar only when there is one: Lightning turns progress-bar values into
+        # Python numbers (`.item()`, a device sync on accelerators) at every step.
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        self.log(f"{prefix}/loss", result["loss"].detach(), prog_bar=bar, batch_size=batch_size)
 
     def step_output(self, step: Step, prefix: str = "train") -> dict[str, Any]:
         """Compute, log and package the loss of `step` as training_step's return value."""
