@@ -13,6 +13,7 @@ round: the load of a shared machine drifts, and alternation gives both sides the
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -160,3 +161,26 @@ def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def timing_parser(description: str, rounds: int = 5, threads: bool = True) -> argparse.ArgumentParser:
+    """The flags every step benchmark shares: batch, in-memory batches, alternating rounds, warm-up
+    and timed steps, threads, and `--quick` (apply it with `apply_quick`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help="rounds, alternating the order of the sides"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
+    if threads:
+        parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="one round, 2 warm-up + 3 timed steps")
+    return parser
+
+
+def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
+    if args.quick:
+        args.rounds, args.warmup, args.steps = 1, 2, 3
+    return args

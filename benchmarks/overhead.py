@@ -37,7 +37,6 @@ small models a step lasts milliseconds, so the toolkit's per-step Python work is
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from dataclasses import dataclass, field
@@ -48,7 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._steps import compare, loop_side, quiet_lightning, set_threads, trainer_side  # noqa: E402
+from benchmarks._steps import (  # noqa: E402
+    apply_quick,
+    compare,
+    loop_side,
+    quiet_lightning,
+    set_threads,
+    timing_parser,
+    trainer_side,
+)
 
 CASES = ("kd", "classification", "fitnet")
 GOAL = 1.05
@@ -243,20 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__.splitlines()[0], rounds=5)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="resnet")
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds, alternating the order of the sides")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="one round, 2 warm-up + 3 timed steps")
     parser.add_argument("--profile", metavar="CASE", help="cProfile our side of CASE and exit")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.steps = 1, 2, 3
+    args = apply_quick(parser.parse_args(argv))
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES) | ({args.profile} - set(CASES) if args.profile else set()))
     if unknown:

@@ -39,7 +39,6 @@ torchdistill`, a dev extra) the benchmark says so and prints `peers_torchdistill
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -50,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._steps import compare, cycle, set_threads, trainer_side  # noqa: E402
+from benchmarks._steps import apply_quick, compare, cycle, set_threads, timing_parser, trainer_side  # noqa: E402
 from benchmarks.overhead import OPTIMIZER, PRESETS, build_nets, make_batches  # noqa: E402
 
 GOAL = 1.0
@@ -207,17 +206,8 @@ def check(module: Any, box: Any, batch: Any) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> float | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds, alternating the order of the sides")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="one round, 2 warm-up + 3 timed steps")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.steps = 1, 2, 3
+    parser = timing_parser(__doc__.splitlines()[0], rounds=5)
+    args = apply_quick(parser.parse_args(argv))
     try:
         import torchdistill
     except ImportError as e:

@@ -27,7 +27,6 @@ and slower; their use is memory, and GPUs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._steps import compare, quiet_lightning, set_threads, trainer_side  # noqa: E402
+from benchmarks._steps import apply_quick, compare, quiet_lightning, set_threads, timing_parser, trainer_side  # noqa: E402
 from benchmarks.overhead import CASES, PRESETS, make_batches, make_module  # noqa: E402
 
 SWITCHES = ("channels_last", "compile", "compile_teacher", "bf16_mixed", "teacher_bf16", "teacher_16")
@@ -63,20 +62,11 @@ def switch_trainer_kw(switch: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__.splitlines()[0], rounds=3)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="resnet")
     parser.add_argument("--case", choices=CASES, default="kd", help="the step (see benchmarks.overhead)")
     parser.add_argument("--switches", default=",".join(SWITCHES), help=f"subset of {','.join(SWITCHES)}")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=4, help="distinct in-memory batches, cycled")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating the order of the sides")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="one round, 2 warm-up + 3 timed steps")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.steps = 1, 2, 3
+    args = apply_quick(parser.parse_args(argv))
     switches = [s for s in args.switches.split(",") if s]
     unknown = sorted(set(switches) - set(SWITCHES))
     if unknown:
