@@ -2,7 +2,8 @@
 
 Slow: the demonstration's setting for 3 seeds per method (about 3-5 minutes each on 2 cores).
 CI runs the representative ones marked below; `pytest -m slow` runs them all. The measured
-tables are in docs/methods.md.
+tables are in docs/methods.md. With `TOOLKIT_QUALITY_OUT=DIR` the "not worse than kd" tests share
+DIR and reuse its finished runs (e.g. those of the docs table's `--compare` command).
 
 Three methods are judged by their own papers' claims, since "not worse than kd" does not apply:
 `random_teacher` learns without labels (its classifier is never trained): its student's k-NN
@@ -11,6 +12,8 @@ few-class tasks: it runs on a two-class subset, against kd on the same subset; `
 novel classes: its discovery stage must not be worse than the same stage without the known-class
 teacher (the UNO baseline of the paper).
 """
+
+import os
 
 import pytest
 import torch
@@ -41,13 +44,17 @@ def assert_not_worse(name, mine, reference, ref_name="kd"):
     )
 
 
-def compare(tmp_path, *argv):
-    return distill.main(["--seeds", SEEDS, "--out", str(tmp_path), *QUIET, *argv])
+def compare(tmp_path, *argv, shared: bool = False):
+    """`shared=True` (the same data for every method) writes under $TOOLKIT_QUALITY_OUT when set:
+    the runs recorded there by an earlier test or by `python -m recipes.distill --compare ... --out
+    $TOOLKIT_QUALITY_OUT` (same seeds) are read back instead of trained again."""
+    out = os.environ.get("TOOLKIT_QUALITY_OUT") if shared else None
+    return distill.main(["--seeds", SEEDS, "--out", str(out or tmp_path), *QUIET, *argv])
 
 
 @pytest.mark.parametrize("method", list(_params()))
 def test_method_not_worse_than_kd_beyond_seed_spread(method, tmp_path):
-    res = compare(tmp_path, "--compare", f"kd,{method}")
+    res = compare(tmp_path, "--compare", f"kd,{method}", shared=True)
     kd, other = res["runs"]["kd"], res["runs"][method]
     assert_not_worse(method, (other["acc"], other["acc_std"]), (kd["acc"], kd["acc_std"]))
 
