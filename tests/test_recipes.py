@@ -124,9 +124,9 @@ def test_train_recipe_fast(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["acc"] == res["acc"]
 
 
-def test_train_compare_and_tasks(tmp_path):
-    out = tmp_path / "cmp"
-    argv = [
+def compare_argv(out) -> list[str]:
+    """Two seeds of the --fast digits run, quiet, into OUT."""
+    return [
         "--data",
         "digits",
         "--fast",
@@ -137,6 +137,11 @@ def test_train_compare_and_tasks(tmp_path):
         "--trainer.enable_progress_bar",
         "false",
     ]
+
+
+def test_train_compare_and_tasks(tmp_path):
+    out = tmp_path / "cmp"
+    argv = compare_argv(out)
     res = train.main(["--compare", "cross_entropy", *argv])
     run = res["runs"]["cross_entropy"]
     assert run["metric"] == "acc" and len(run["acc_per_seed"]) == 2 and run["acc"] == res["acc"]
@@ -283,21 +288,8 @@ def test_prune_recipe_runs_every_selector_fast(selector, tmp_path):
 
 def test_compare_runs_methods_on_one_teacher(tmp_path):
     out = tmp_path / "cmp"
-    res = distill.main(
-        [
-            "--compare",
-            "kd",
-            "--data",
-            "digits",
-            "--fast",
-            "--seeds",
-            "0,1",
-            "--out",
-            str(out),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    argv = compare_argv(out)
+    res = distill.main(["--compare", "kd", *argv])
     assert set(res["runs"]) == {"student", "kd"}
     assert len(res["runs"]["kd"]["acc_per_seed"]) == 2 and res["student_acc"] == res["runs"]["kd"]["acc"]
     assert (out / "comparison.png").stat().st_size > 1000 and "student + kd" in (
@@ -306,17 +298,6 @@ def test_compare_runs_methods_on_one_teacher(tmp_path):
     # run again with one more method: the finished runs are read from their records, only the
     # new one trains (its TensorBoard run is the only one written)
     shutil.rmtree(out / "tb")
-    argv = [
-        "--data",
-        "digits",
-        "--fast",
-        "--seeds",
-        "0,1",
-        "--out",
-        str(out),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
     again = distill.main(["--compare", "kd,dkd", *argv])
     assert sorted(p.name for p in (out / "tb").iterdir()) == ["dkd_seed0", "dkd_seed1"]
     assert again["runs"]["kd"]["acc_per_seed"] == res["runs"]["kd"]["acc_per_seed"]
