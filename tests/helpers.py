@@ -47,3 +47,46 @@ def config_module(name, input_shape):
     )
     module.prepare(torch.randn(*input_shape))
     return cfg, module
+
+
+# A small KD set-up shared by the teacher-cache tests: CE + KD (0.5 each), Adam.
+KD_TERMS = {"ce": {"loss": "cross_entropy", "weight": 0.5}, "kd": {"distiller": "kd", "weight": 0.5}}
+ADAM = {"name": "adam", "lr": 0.01}
+
+
+def small_kd_module(teacher, terms=None, **kw):
+    """A width-4 convnet student for 10-class one-channel data (digits), seeded, CE + KD."""
+    import torch
+
+    from toolkit.modules import DistillationModule
+
+    torch.manual_seed(1)
+    return DistillationModule(
+        "convnet",
+        teacher,
+        num_classes=10,
+        in_chans=1,
+        model_kwargs={"width": 4},
+        terms=KD_TERMS if terms is None else terms,
+        optimizer=ADAM,
+        **kw,
+    )
+
+
+def run_ddp_script(script: str, out) -> list[dict]:
+    """Run tests/SCRIPT (a 2-process gloo job writing OUT/rank<i>.json) and return both ranks' records."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    r = subprocess.run(
+        [sys.executable, str(here / script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=here.parent,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [json.loads((Path(out) / f"rank{i}.json").read_text()) for i in range(2)]

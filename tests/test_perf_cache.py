@@ -4,24 +4,18 @@ cached-vs-live KD loss check. Real Trainer runs on DigitsDataModule; the teacher
 are counted with a forward hook on its classifier (`forward_output` calls `forward_features` and
 the classifier, so a hook on the network itself would not fire)."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import run_ddp_script
+from helpers import small_kd_module as module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from toolkit.data import DigitsDataModule
 from toolkit.distill import Teacher, TeacherCache, build_teacher_cache
 from toolkit.distill.cache_store import read_manifest, resolve_top_k, topk_compress, topk_expand
 from toolkit.models import create_model
-from toolkit.modules import DistillationModule
 
-HERE = Path(__file__).resolve().parent
-KD = {"ce": {"loss": "cross_entropy", "weight": 0.5}, "kd": {"distiller": "kd", "weight": 0.5}}
 FITNET = {
     "ce": {"loss": "cross_entropy", "weight": 0.5},
     "kd": {"distiller": "kd", "weight": 0.5},
@@ -32,7 +26,6 @@ FITNET = {
         "teacher_layer": "features.3",
     },
 }
-ADAM = {"name": "adam", "lr": 0.01}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,20 +44,6 @@ def teacher_net(seed: int = 0, capture: bool = False) -> torch.nn.Module:
 
     net.get_classifier().register_forward_hook(hook)
     return net
-
-
-def module(teacher, terms=KD, **kw) -> DistillationModule:
-    torch.manual_seed(1)
-    return DistillationModule(
-        "convnet",
-        teacher,
-        num_classes=10,
-        in_chans=1,
-        model_kwargs={"width": 4},
-        terms=terms,
-        optimizer=ADAM,
-        **kw,
-    )
 
 
 def digits(**kw) -> DigitsDataModule:
@@ -314,15 +293,7 @@ def test_cached_and_live_kd_losses_agree_within_the_storage_rounding(tmp_path, d
 @pytest.mark.slow
 @pytest.mark.ci
 def test_ddp_ranks_fill_disjoint_rows_equal_to_a_single_process_build(tmp_path, make_trainer):
-    r = subprocess.run(
-        [sys.executable, str(HERE / "ddp_teacher_cache.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=HERE.parent,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    ranks = run_ddp_script("ddp_teacher_cache.py", tmp_path)
     dm = DigitsDataModule(
         batch_size=32, val_split=0.1, train_subset=300, augment=True, augment_views=2, seed=0
     )

@@ -2,16 +2,11 @@
 DataPruning (schedule, files, TensorBoard, resume, errors), label noise, el2n and random, and the
 prune recipe."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import StopAfter
+from helpers import StopAfter, run_ddp_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from toolkit import build
@@ -20,8 +15,6 @@ from toolkit.functional.el2n import el2n_score
 from toolkit.functional.subset import select_subset
 from toolkit.modules import ClassificationModule
 from toolkit.selection import DataPruning, EL2NScorer, RandomScorer, SampleScores
-
-HERE = Path(__file__).resolve().parent
 
 
 def digits(**kw):
@@ -396,15 +389,7 @@ def test_a_plain_lightning_module_without_the_loss_bus_can_be_pruned():
 @pytest.mark.slow
 @pytest.mark.ci
 def test_ddp_pruning_reselecting_every_epoch(tmp_path):
-    r = subprocess.run(
-        [sys.executable, str(HERE / "ddp_pruning.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=HERE.parent,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    ranks = run_ddp_script("ddp_pruning.py", tmp_path)
     every = ranks[0]["train_indices"]
     assert len(every) == 301
     selections = ranks[0]["selections"]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import small_kd_module as module
 from torch import nn
 
 from toolkit.data import DigitsDataModule, IndexSampler
@@ -9,9 +10,6 @@ from toolkit.distill import TeacherCache
 from toolkit.models import create_model
 from toolkit.modules import DistillationModule
 from toolkit.types import Batch
-
-KD = {"ce": {"loss": "cross_entropy", "weight": 0.5}, "kd": {"distiller": "kd", "weight": 0.5}}
-ADAM = {"name": "adam", "lr": 0.01}
 
 
 class CountingTeacher(nn.Module):
@@ -26,20 +24,6 @@ class CountingTeacher(nn.Module):
     def forward(self, x):
         self.rows += len(x)
         return self.net(x)
-
-
-def module(teacher, **kw):
-    torch.manual_seed(1)
-    return DistillationModule(
-        "convnet",
-        teacher,
-        num_classes=10,
-        in_chans=1,
-        model_kwargs={"width": 4},
-        terms=KD,
-        optimizer=ADAM,
-        **kw,
-    )
 
 
 def digits(**kw):
