@@ -166,3 +166,69 @@ def test_user_module_logs_every_term_to_tensorboard(tmp_path, digits):
     assert len(total) == len(module.seen)
     for t, c, mm in zip(total, ce, m):
         assert t == pytest.approx(c + 0.1 * mm, rel=1e-5)
+
+
+def _logged_steps(tmp_path, digits, **trainer_kw):
+    """(module, trainer, {name: [step of every self.log call]}) for 2 epochs of 5 steps, logger
+    writing every 3 steps."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class Counting(UserModule):
+        def __init__(self):
+            super().__init__()
+            self.log_steps = {}
+
+        def log(self, name, value, *args, **kwargs):
+            self.log_steps.setdefault(name, []).append(self.trainer.fit_loop.epoch_loop._batches_that_stepped)
+            super().log(name, value, *args, **kwargs)
+
+    module = Counting()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=5,
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        log_every_n_steps=3,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **{"enable_checkpointing": False, "enable_progress_bar": False, **trainer_kw},
+    )
+    trainer.fit(module, train_dataloaders=digits.train_dataloader())
+    return module, trainer, module.log_steps
+
+
+def test_step_values_are_logged_only_where_they_are_written_or_kept(tmp_path, digits):
+    """Training values skip the steps whose values nobody reads (Lightning's `self.log` costs
+    about 1 ms per value): the event file gets them at every step the logger writes, exactly as
+    before, and `callback_metrics` hold the last step's values at the end of fit."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module, trainer, steps = _logged_steps(tmp_path, digits)
+    # steps 0..9; the logger writes after steps 2, 5, 8; epochs end after steps 4 and 9
+    for name in ("train/loss", "train/loss/ce", "train/loss/m"):
+        assert steps[name] == [2, 4, 5, 8, 9], name
+    acc = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
+    acc.Reload()
+    total = acc.Scalars("train/loss")
+    ce, m = acc.Scalars("train/loss/ce"), acc.Scalars("train/loss/m")
+    assert [e.step for e in total] == [e.step for e in ce] == [e.step for e in m] == [2, 5, 8]
+    for t, c, mm in zip(total, ce, m):
+        assert t.value == pytest.approx(c.value + 0.1 * mm.value, rel=1e-5)
+    metrics = trainer.callback_metrics
+    last = module.seen[-1]["loss"]
+    assert float(metrics["train/loss"]) == pytest.approx(float(last), rel=1e-5)
+    assert float(metrics["train/loss/ce"]) + 0.1 * float(metrics["train/loss/m"]) == pytest.approx(
+        float(last), rel=1e-5
+    )
+
+
+def test_step_values_shown_or_monitored_are_logged_at_every_step(tmp_path, digits):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    watch = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="train/loss/m", every_n_train_steps=1)
+    _, _, steps = _logged_steps(tmp_path, digits, callbacks=[watch], enable_checkpointing=True)
+    assert steps["train/loss/m"] == list(range(10))
+    assert steps["train/loss/ce"] == [2, 4, 5, 8, 9]
+    _, _, steps = _logged_steps(tmp_path / "bar", digits, enable_progress_bar=True)
+    assert steps["train/loss"] == list(range(10))
+    assert steps["train/loss/ce"] == [2, 4, 5, 8, 9]

@@ -11,7 +11,8 @@ For each step the bus computes every term, combines the per-sample ones with the
 
     total = Σ_k w_k(progress) · mean_i(s_i · ℓ_k,i)   (+ w_k · ℓ_k for batch-level terms)
 
-logs each term as `train/loss/<name>` (unweighted) and the total as `train/loss`, and returns
+logs each term as `train/loss/<name>` (unweighted) and the total as `train/loss` (in training at
+the steps whose values are written, shown or monitored: `LossBus._step_values_are_kept`), returns
 `{"loss", "per_sample_loss", "logits", "index"}` so observing callbacks can read per-sample
 results in `on_train_batch_end`. `per_sample_loss` is Σ_k w_k·ℓ_k,i before sample weighting.
 """
@@ -182,12 +183,40 @@ class LossBus:
     def log_loss(self, result: dict[str, Any], batch_size: int, prefix: str = "train") -> None:
         if getattr(self, "_trainer", None) is None:
             return
-        for name, value in result["terms"].items():
-            self.log(f"{prefix}/loss/{name}", value.detach().mean(), batch_size=batch_size)
         # On the progress bar only when there is one: Lightning turns progress-bar values into
         # Python numbers (`.item()`, a device sync on accelerators) at every step.
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-        self.log(f"{prefix}/loss", result["loss"].detach(), prog_bar=bar, batch_size=batch_size)
+        kept = self._step_values_are_kept()
+        for name, value in result["terms"].items():
+            if kept or self._monitored_every_step(f"{prefix}/loss/{name}"):
+                self.log(f"{prefix}/loss/{name}", value.detach().mean(), batch_size=batch_size)
+        if kept or bar or self._monitored_every_step(f"{prefix}/loss"):
+            self.log(f"{prefix}/loss", result["loss"].detach(), prog_bar=bar, batch_size=batch_size)
+
+    def _step_values_are_kept(self) -> bool:
+        """Whether values logged at this step reach the logger or stay in `callback_metrics`:
+        always outside training (validation averages them over the epoch); in training, on the
+        steps the logger writes (every `log_every_n_steps`, when stopping, `fast_dev_run`) and on
+        the last step of an epoch or of the run. On the other steps a logged value would be
+        overwritten unread, unless a progress bar shows it or a callback or a step-interval
+        scheduler monitors it (`_monitored_every_step`), and Lightning's `self.log` costs about
+        1 ms per value on CPU (it re-applies the device to its whole metric record): 10% of a
+        small convnet's step. So the event files are the same as with logging at every step;
+        read a step's total from the `outputs["loss"]` of `on_train_batch_end`."""
+        trainer = self._trainer
+        if not trainer.training or trainer.fast_dev_run or trainer._logger_connector.should_update_logs:
+            return True
+        loop = trainer.fit_loop.epoch_loop
+        last_in_epoch = loop.batch_progress.is_last_batch or loop.batch_idx + 1 >= trainer.num_training_batches
+        return last_in_epoch or 0 < trainer.max_steps <= trainer.global_step + 1
+
+    def _monitored_every_step(self, key: str) -> bool:
+        """A callback (`monitor`, e.g. ModelCheckpoint, EarlyStopping) or a scheduler stepping
+        every step (ReduceLROnPlateau) reads `key` from `callback_metrics`."""
+        trainer = self._trainer
+        if any(getattr(cb, "monitor", None) == key for cb in trainer.callbacks):
+            return True
+        return any(c.monitor == key and c.interval == "step" for c in trainer.lr_scheduler_configs)
 
     def step_output(self, step: Step, prefix: str = "train") -> dict[str, Any]:
         """Compute, log and package the loss of `step` as training_step's return value."""
