@@ -207,7 +207,9 @@ class LossBus:
         if not trainer.training or trainer.fast_dev_run or trainer._logger_connector.should_update_logs:
             return True
         loop = trainer.fit_loop.epoch_loop
-        last_in_epoch = loop.batch_progress.is_last_batch or loop.batch_idx + 1 >= trainer.num_training_batches
+        last_in_epoch = (
+            loop.batch_progress.is_last_batch or loop.batch_idx + 1 >= trainer.num_training_batches
+        )
         return last_in_epoch or 0 < trainer.max_steps <= trainer.global_step + 1
 
     def _monitored_every_step(self, key: str) -> bool:
