@@ -1,7 +1,8 @@
-"""Data selection on the demonstration (Fashion-MNIST, 10k training images, 3 seeds), as the
-issue asks: `el2n` keeping 50% is at least as accurate as `random` keeping 50% (mean over 3 seeds),
-and `elr` beats plain cross-entropy at 40% symmetric label noise. Slow (minutes each); the
-measured tables are in docs/methods.md."""
+"""Data selection on Fashion-MNIST (3 seeds), as the issue asks: `el2n` keeping 50% is at least as
+accurate as `random` keeping 50% (the demonstration's 10k images, mean over 3 seeds), and `elr`
+beats plain cross-entropy at 40% symmetric label noise (its config's memorising regime: 4k images,
+the convnet w16 d3, 80 epochs; about 12 minutes on 2 cores). The measured tables are in
+docs/methods.md."""
 
 import pytest
 
