@@ -119,6 +119,7 @@ def method_terms(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 PROBE_METRICS = ("val/knn_acc", "val/linear_probe_acc")
+TEACHER_KEYS = ("teacher", "teacher_train", "teacher_args")  # what decides a run's teacher
 
 
 def teacher_cache_args(cfg: dict[str, Any], dm: Any, terms: Any, stage: str | None = None) -> dict[str, Any]:
@@ -249,11 +250,23 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
     seeds = cfg["seeds"]
     dm0 = build_data(cfg["data"], cfg["data_args"], seed=seeds[0])
     dm0.setup("fit")
-    teacher, teacher_acc = get_teacher(cfg, dm0, out)
+    # one teacher per distinct teacher setting: in a comparison, a method whose config asks for
+    # another teacher (e.g. ensemble_kd's `teacher_train.count: 3`) gets it, not the first one's
+    teachers: dict[str, tuple[Any, float]] = {}
+
+    def teacher_of(c: dict[str, Any]) -> tuple[Any, float]:
+        key = fingerprint({k: c.get(k) for k in TEACHER_KEYS})
+        if key not in teachers:
+            teachers[key] = get_teacher(c, dm0, out)
+        return teachers[key]
+
+    teacher, teacher_acc = teacher_of(cfg)
     runs: dict[str, dict[str, list[float]]] = {}
     stage_records: dict[str, list] = {}  # method -> per seed, the records of its stages
 
-    def train_once(name: str, c: dict[str, Any], seed: int, make_module) -> None:
+    def train_once(
+        name: str, c: dict[str, Any], seed: int, make_module, teacher_acc: float = teacher_acc
+    ) -> None:
         # a finished run leaves its record: the same command run again (after an interruption, or
         # with more methods or seeds) reads it instead of training again
         record = out / "runs" / f"{name}_seed{seed}.json"
@@ -309,22 +322,24 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
             lambda c, dm: ClassificationModule(c["student"], loss="cross_entropy", **common(c, dm)),
         )
         for c in cfgs:
+            c_teacher, c_teacher_acc = teacher_of(c)
             if c.get("stages"):  # a multi-stage method: resumable stages (recipes/stages.py)
                 stage_records.setdefault(c["method"], []).append(
-                    stages.run_method(c, seed, out, teacher, runs)
+                    stages.run_method(c, seed, out, c_teacher, runs)
                 )
                 continue
             train_once(
                 c["method"],
                 c,
                 seed,
-                lambda c, dm: DistillationModule(
+                lambda c, dm, t=c_teacher: DistillationModule(
                     c["student"],
-                    teacher,
+                    t,
                     terms=method_terms(c),
                     **teacher_cache_args(c, dm, method_terms(c)),
                     **common(c, dm),
                 ),
+                c_teacher_acc,
             )
 
     baseline, first = runs["student"], runs[cfgs[0]["method"]]
@@ -358,7 +373,15 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
     }
     if stage_records:
         results["stages"] = stage_records
+    own_teachers = {c["method"]: teacher_of(c) for c in cfgs if teacher_of(c)[0] is not teacher}
+    results["teachers"] = {
+        c["method"]: {"members": len(teacher_of(c)[0].nets), "acc": teacher_of(c)[1]} for c in cfgs
+    }
     rows = [("teacher", f"{100 * teacher_acc:.2f}", "-")]
+    rows += [
+        (f"teacher of {name} ({len(t.nets)} members)", f"{100 * acc:.2f}", "-")
+        for name, (t, acc) in own_teachers.items()
+    ]
     for name, r in runs.items():
         label = "student alone" if name == "student" else f"student + {name}"
         rows.append((label, fmt(r["acc"]), f"{sum(r['seconds']) / len(seeds):.1f}"))

@@ -317,6 +317,15 @@ def test_compare_runs_methods_on_one_teacher(tmp_path):
     assert r.returncode != 0 and "unknown distiller 'dkdx'" in r.stderr
 
 
+def test_compare_gives_each_method_the_teacher_its_config_asks_for(tmp_path):
+    # ensemble_kd's config trains 3 members; kd's the single teacher (member 0 of the same cache)
+    res = distill.main(["--compare", "kd,ensemble_kd", *compare_argv(tmp_path)])
+    assert res["teachers"]["kd"]["members"] == 1
+    assert res["teachers"]["ensemble_kd"]["members"] == 3
+    assert res["teachers"]["kd"]["acc"] == res["teacher_acc"]
+    assert "teacher of ensemble_kd (3 members)" in (tmp_path / "results.md").read_text()
+
+
 def test_config_layering_rules():
     from recipes.common import common_parser, parse, resolve_config
 
