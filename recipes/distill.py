@@ -288,6 +288,7 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
                 return
         L.seed_everything(seed, workers=True, verbose=False)
         dm = build_data(c["data"], c["data_args"], seed=seed)
+        dm.setup("fit")  # the class count of a class split (`known_classes`) is known after setup
         module = make_module(c, dm)
         trainer = make_trainer(c, out, f"{name}_seed{seed}", c["epochs"])
         with Timer() as t:

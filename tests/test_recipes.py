@@ -326,6 +326,22 @@ def test_compare_gives_each_method_the_teacher_its_config_asks_for(tmp_path):
     assert "teacher of ensemble_kd (3 members)" in (tmp_path / "results.md").read_text()
 
 
+def test_distill_on_a_class_split_builds_the_student_for_the_kept_classes(tmp_path):
+    # the student used to be built for all 10 classes before the split was applied
+    res = distill.main(
+        [
+            "--compare",
+            "kd",
+            *compare_argv(tmp_path),
+            "--data.known_classes",
+            "[0, 6]",
+            "--data.class_split",
+            "known",
+        ]
+    )
+    assert 0.0 <= res["runs"]["kd"]["acc"] <= 1.0 and 0.0 <= res["runs"]["student"]["acc"] <= 1.0
+
+
 def test_config_layering_rules():
     from recipes.common import common_parser, parse, resolve_config
 
