@@ -419,9 +419,16 @@ def test_setup_errors_are_clear(make_trainer):
 def test_demo_configs_build_on_fashion_mnist_shapes(name):
     cfg, m = config_module_on(name, (2, 1, 28, 28), "fashion_mnist")
     assert cfg["method"] == name and name in m.loss_terms
+    # both on top of the demonstration's KD (0.5·CE + 0.5·KD at τ = 1)
+    assert cfg["terms"]["ce"]["weight"] == cfg["terms"]["kd"]["weight"] == 0.5
+    assert cfg["terms"]["kd"]["temperature"] == 1.0
     if name == "fitnet":
         conv = m.loss_terms["fitnet"].projectors["hint"].proj[0]
-        assert (conv.in_channels, conv.out_channels) == (16, 32)  # student w8 block 2 -> teacher w16 block 2
+        # the student's middle layer (w8 block 1, 14×14) -> the teacher's (w16 block 2, 7×7)
+        assert (conv.in_channels, conv.out_channels) == (8, 32)
+    else:
+        at = cfg["terms"]["attention_transfer"]
+        assert (at["mode"], at["weight"]) == ("code", 10.0)
 
 
 @pytest.mark.parametrize("name", ["fitnet_cifar100", "attention_transfer_cifar100"])

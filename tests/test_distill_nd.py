@@ -402,15 +402,19 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, shape, projector, kd_weight, warmup",
-    [("nd", (2, 1, 28, 28), (256, 1024), 1.0, 2.5), ("nd_cifar100", (2, 3, 32, 32), None, 3.5, 20)],
+    "name, shape, projector, weights, kd_weight, tau, warmup",
+    [
+        # the demonstration: KD++ on the demo's KD (0.5·CE + 0.5·KD, τ = 1), λ_nd = 2·λ_ce
+        ("nd", (2, 1, 28, 28), (256, 1024), (0.5, 1.0), 0.5, 1.0, 2.5),
+        ("nd_cifar100", (2, 3, 32, 32), None, (1.0, 2.0), 3.5, 4.0, 20),
+    ],
 )
-def test_configs_build_with_the_official_recipe(name, shape, projector, kd_weight, warmup):
+def test_configs_build_with_the_official_recipe(name, shape, projector, weights, kd_weight, tau, warmup):
     cfg, m = config_module(name, shape)
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert raw["method"] == "nd" and set(raw["terms"]) == {"ce", "kd", "nd"}
     terms = raw["terms"]
-    assert terms["ce"]["weight"] == 1.0 and terms["nd"]["weight"] == 2.0 and terms["kd"]["temperature"] == 4.0
+    assert (terms["ce"]["weight"], terms["nd"]["weight"]) == weights and terms["kd"]["temperature"] == tau
     assert terms["kd"]["weight"] == {
         "schedule": "linear",
         "start": 0.0,
