@@ -374,14 +374,15 @@ def run(cfg: dict[str, Any], compare: list[dict[str, Any]] | None = None) -> dic
     }
     if stage_records:
         results["stages"] = stage_records
-    own_teachers = {c["method"]: teacher_of(c) for c in cfgs if teacher_of(c)[0] is not teacher}
+    method_teachers = {c["method"]: teacher_of(c) for c in cfgs}
     results["teachers"] = {
-        c["method"]: {"members": len(teacher_of(c)[0].nets), "acc": teacher_of(c)[1]} for c in cfgs
+        name: {"members": len(t.nets), "acc": acc} for name, (t, acc) in method_teachers.items()
     }
     rows = [("teacher", f"{100 * teacher_acc:.2f}", "-")]
     rows += [
         (f"teacher of {name} ({len(t.nets)} members)", f"{100 * acc:.2f}", "-")
-        for name, (t, acc) in own_teachers.items()
+        for name, (t, acc) in method_teachers.items()
+        if t is not teacher
     ]
     for name, r in runs.items():
         label = "student alone" if name == "student" else f"student + {name}"

@@ -186,11 +186,12 @@ class LossBus:
         # On the progress bar only when there is one: Lightning turns progress-bar values into
         # Python numbers (`.item()`, a device sync on accelerators) at every step.
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-        kept = self._step_values_are_kept()
+        # None: every value is kept at this step; else only what is read at every step
+        read = None if self._step_values_are_kept() else self._monitored_every_step()
         for name, value in result["terms"].items():
-            if kept or self._monitored_every_step(f"{prefix}/loss/{name}"):
+            if read is None or f"{prefix}/loss/{name}" in read:
                 self.log(f"{prefix}/loss/{name}", value.detach().mean(), batch_size=batch_size)
-        if kept or bar or self._monitored_every_step(f"{prefix}/loss"):
+        if read is None or bar or f"{prefix}/loss" in read:
             self.log(f"{prefix}/loss", result["loss"].detach(), prog_bar=bar, batch_size=batch_size)
 
     def _step_values_are_kept(self) -> bool:
@@ -212,13 +213,13 @@ class LossBus:
         )
         return last_in_epoch or 0 < trainer.max_steps <= trainer.global_step + 1
 
-    def _monitored_every_step(self, key: str) -> bool:
-        """A callback (`monitor`, e.g. ModelCheckpoint, EarlyStopping) or a scheduler stepping
-        every step (ReduceLROnPlateau) reads `key` from `callback_metrics`."""
+    def _monitored_every_step(self) -> set[str]:
+        """The keys that callbacks (`monitor`, e.g. ModelCheckpoint, EarlyStopping) or schedulers
+        stepping every step (ReduceLROnPlateau) read from `callback_metrics`."""
         trainer = self._trainer
-        if any(getattr(cb, "monitor", None) == key for cb in trainer.callbacks):
-            return True
-        return any(c.monitor == key and c.interval == "step" for c in trainer.lr_scheduler_configs)
+        keys = {getattr(cb, "monitor", None) for cb in trainer.callbacks}
+        keys |= {c.monitor for c in trainer.lr_scheduler_configs if c.interval == "step"}
+        return keys - {None}
 
     def step_output(self, step: Step, prefix: str = "train") -> dict[str, Any]:
         """Compute, log and package the loss of `step` as training_step's return value."""
